@@ -1,0 +1,3 @@
+"""speakerlab: speaker-verification training and evaluation toolkit."""
+
+__version__ = "0.1.0"

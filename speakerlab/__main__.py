@@ -1,0 +1,3 @@
+from speakerlab.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Data: Kaldi-style directories, the training index and the on-the-fly training pipeline."""

@@ -1,0 +1,68 @@
+"""Kaldi-style tables: ``wav.scp`` (utt path), ``utt2spk`` (utt spk), ``spk2utt`` (spk utt...).
+
+Reading checks every line and names the file and line number of the first bad one, so a broken
+data directory fails at once instead of deep inside training or extraction.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from speakerlab.errors import DataError
+
+
+def read_table(path: str | Path, num_fields: int = 2) -> dict[str, str]:
+    """Read ``key value`` lines into an ordered dict.
+
+    With ``num_fields=2`` the value is the rest of the line after the first whitespace (paths
+    may contain spaces). Empty lines are skipped; a short line or a repeated key is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    table: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            fields = line.split(maxsplit=1 if num_fields == 2 else -1)
+            if len(fields) != num_fields:
+                raise DataError(f"{path}:{lineno}: expected {num_fields} fields, got "
+                                f"{len(fields)}: {line!r}")
+            key = fields[0]
+            if key in table:
+                raise DataError(f"{path}:{lineno}: duplicate key {key!r}")
+            table[key] = fields[1] if num_fields == 2 else " ".join(fields[1:])
+    return table
+
+
+def read_wav_scp(path: str | Path) -> dict[str, str]:
+    """``utt -> audio path``; relative paths are resolved against the current directory."""
+    return read_table(path)
+
+
+def read_utt2spk(path: str | Path) -> dict[str, str]:
+    """``utt -> speaker``."""
+    return read_table(path)
+
+
+def spk2utt_from_utt2spk(utt2spk: Mapping[str, str]) -> dict[str, list[str]]:
+    """Group utterances by speaker, speakers and utterances in sorted order."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for utt, spk in utt2spk.items():
+        groups[spk].append(utt)
+    return {spk: sorted(groups[spk]) for spk in sorted(groups)}
+
+
+def write_table(path: str | Path, rows: Iterable[tuple[str, ...]]) -> None:
+    """Write whitespace-separated rows atomically (a temp file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(" ".join(row) + "\n")
+    tmp.replace(path)
