@@ -1,0 +1,111 @@
+"""Released checkpoints: one registry, and ``load_model`` for ids and local files alike.
+
+The released 3D-Speaker models are hosted on ModelScope. They are fetched with the ``modelscope``
+package when it is installed and the host is reachable; otherwise the error says how to get the
+file by hand, and the downloaded file's path can be passed instead of the id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from speakerlab.errors import CheckpointError
+from speakerlab.models.checkpoint import load_embedding_model, load_embedding_model_spec
+
+# Decision threshold on the cosine score suggested by the ERes2Net-base model card; the card of
+# no other released model gives one, so it is the default for all of them (override per call).
+MODEL_CARD_THRESHOLD = 0.249
+
+
+@dataclass(frozen=True)
+class PretrainedModel:
+    """A released checkpoint: where it lives and which architecture it needs."""
+
+    model_id: str
+    file_name: str
+    model_name: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    threshold: float = MODEL_CARD_THRESHOLD
+    description: str = ""
+
+
+PRETRAINED: dict[str, PretrainedModel] = {
+    entry.model_id: entry for entry in (
+        PretrainedModel("iic/speech_eres2net_base_sv_zh-cn_3dspeaker_16k", "eres2net_base_model.ckpt",
+                        "eres2net", {"m_channels": 32, "embedding_size": 512},
+                        description="ERes2Net base trained on 3D-Speaker"),
+        PretrainedModel("iic/speech_eres2net_large_sv_zh-cn_3dspeaker_16k", "eres2net_large_model.ckpt",
+                        "eres2net", {"m_channels": 64, "embedding_size": 512},
+                        description="ERes2Net large trained on 3D-Speaker"),
+        PretrainedModel("iic/speech_ecapa-tdnn_sv_zh-cn_3dspeaker_16k", "ecapa-tdnn.ckpt",
+                        "ecapa_tdnn", {"channels": [1024, 1024, 1024, 1024, 3072], "embedding_size": 192},
+                        description="ECAPA-TDNN (C=1024) trained on 3D-Speaker"),
+        PretrainedModel("iic/speech_campplus_sv_zh-cn_16k-common", "campplus_cn_common.bin",
+                        "campplus", {"embedding_size": 192},
+                        description="CAM++ trained on 200k Chinese speakers"),
+        PretrainedModel("iic/speech_eres2net_sv_en_voxceleb_16k", "pretrained_eres2net.ckpt",
+                        "eres2net", {"m_channels": 32, "embedding_size": 192},
+                        description="ERes2Net base trained on VoxCeleb"),
+        PretrainedModel("iic/speech_eres2netv2_sv_zh-cn_16k-common", "pretrained_eres2netv2.ckpt",
+                        "eres2netv2", {"embedding_size": 192},
+                        description="ERes2NetV2 trained on 200k Chinese speakers"),
+    )
+}
+
+
+@dataclass
+class LoadedModel:
+    """An embedding model in eval mode with what is known about it."""
+
+    model: nn.Module
+    name: str
+    kwargs: dict[str, Any]
+    threshold: float | None
+    source: str
+
+
+def download_pretrained(model_id: str, cache_dir: str | Path | None = None) -> Path:
+    """Local path of the checkpoint file of the registry entry ``model_id`` (downloaded if needed)."""
+    entry = _entry(model_id)
+    try:
+        from modelscope.hub.snapshot_download import snapshot_download
+    except ImportError:
+        raise CheckpointError(
+            f"{model_id}: fetching released models needs the 'modelscope' package "
+            f"(pip install modelscope) and access to modelscope.cn; alternatively download "
+            f"{entry.file_name} from that model page yourself and pass its path") from None
+    try:
+        folder = snapshot_download(model_id, cache_dir=None if cache_dir is None else str(cache_dir))
+    except Exception as err:
+        raise CheckpointError(f"{model_id}: download failed ({err}); download {entry.file_name} "
+                              "yourself and pass its path") from None
+    path = Path(folder) / entry.file_name
+    if not path.is_file():
+        raise CheckpointError(f"{model_id}: {entry.file_name} not found in the snapshot at {folder}")
+    return path
+
+
+def load_model(source: str | Path, cache_dir: str | Path | None = None) -> LoadedModel:
+    """Load an embedding model from a registry id or a local checkpoint file (ours or released)."""
+    source_str = str(source)
+    if source_str in PRETRAINED:
+        entry = PRETRAINED[source_str]
+        path = download_pretrained(source_str, cache_dir)
+        model = load_embedding_model(path, entry.model_name, **entry.model_kwargs)
+        return LoadedModel(model, entry.model_name, dict(entry.model_kwargs), entry.threshold, source_str)
+    path = Path(source)
+    if not path.is_file():
+        raise CheckpointError(f"{source_str!r} is neither a checkpoint file nor a known model id; "
+                              f"known ids: {', '.join(PRETRAINED)}")
+    model, name, kwargs = load_embedding_model_spec(path)
+    return LoadedModel(model, name, kwargs, None, source_str)
+
+
+def _entry(model_id: str) -> PretrainedModel:
+    if model_id not in PRETRAINED:
+        raise CheckpointError(f"unknown model id {model_id!r}; known ids: {', '.join(PRETRAINED)}")
+    return PRETRAINED[model_id]
