@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,13 @@ def read_model_state(path: str | Path) -> tuple[StateDict, str | None, dict[str,
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint") from None
         raise CheckpointError(
-            f"{path}: refused to load: the file holds Python objects other than tensors and plain "
-            f"containers, and loading them could run code ({str(err).splitlines()[0]})") from None
+            f"{path}: refused to load: the file holds a Python object ({found.group(1)}) and "
+            "loading it could run code; checkpoints must hold only tensors and plain containers"
+        ) from None
     except Exception as err:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
 
