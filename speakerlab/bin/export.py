@@ -1,0 +1,48 @@
+"""``speakerlab export``: turn a training checkpoint into a plain embedding-model state_dict.
+
+The output has the released 3D-Speaker checkpoint layout (only the embedding model's weights, no
+``module.`` prefix, no classifier or training state), so inference code loads our models and the
+released ones alike.
+
+    speakerlab export --checkpoint exp/eres2net --out exp/eres2net/eres2net.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from speakerlab.errors import SpeakerlabError
+
+
+def export_embedding_model(checkpoint: str | Path, out: str | Path) -> tuple[str, dict]:
+    """Write the embedding model of ``checkpoint`` (a file or an experiment folder, whose newest
+    checkpoint is used) to ``out``; returns the model name and constructor kwargs."""
+    from speakerlab.models.checkpoint import load_embedding_model_spec, save_embedding_model
+    from speakerlab.training.finetune import resolve_init_path
+
+    model, name, kwargs = load_embedding_model_spec(resolve_init_path(checkpoint))
+    save_embedding_model(model, out)
+    return name, kwargs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="speakerlab export",
+        description="Export the embedding model of a training checkpoint as a plain state_dict "
+                    "(the released checkpoint layout).")
+    parser.add_argument("--checkpoint", required=True,
+                        help="training checkpoint file, or an experiment folder (newest checkpoint)")
+    parser.add_argument("--out", required=True, help="output file, e.g. exp/eres2net/model.ckpt")
+    args = parser.parse_args()
+    try:
+        name, kwargs = export_embedding_model(args.checkpoint, args.out)
+    except SpeakerlabError as err:
+        print(f"speakerlab export: error: {err}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {args.out}: {name} {kwargs}")
+
+
+if __name__ == "__main__":
+    main()
