@@ -26,11 +26,11 @@ while [ $# -gt 0 ]; do
       __po_value="$2"; shift 2 ;;
     *)
       echo "$0: unexpected argument '$1' (options are --name value; Hydra overrides go after --)" >&2
-      __po_usage >&2; exit 2 ;;
+      echo "run $0 --help for the options" >&2; exit 2 ;;
   esac
   __po_var="${__po_name#--}"; __po_var="${__po_var//-/_}"
   if [[ ! "$__po_var" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || [ -z "${!__po_var+set}" ]; then
-    echo "$0: unknown option $__po_name" >&2; __po_usage >&2; exit 2
+    echo "$0: unknown option $__po_name" >&2; echo "run $0 --help for the options" >&2; exit 2
   fi
   printf -v "$__po_var" '%s' "$__po_value"
 done

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# ERes2Net on 3D-Speaker. The stages live in ../sv.sh; this recipe only picks the experiment.
+# Example: bash run.sh --corpus mini --stage 1 --stop_stage 5        (see --help for all options)
+cd "$(dirname "$0")"
+. ../sv.sh --experiment eres2net "$@"
