@@ -1,0 +1,47 @@
+"""``speakerlab verify``: are two recordings the same speaker?
+
+Prints the cosine score and the decision (same speaker when the score reaches the threshold).
+The threshold is the model's (0.249 for the released 3D-Speaker models, or the one stored in an
+ONNX file exported from them); ``--threshold`` overrides it and is required for checkpoints whose
+threshold is unknown (e.g. your own: use the EER threshold of your development trials).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from speakerlab.errors import SpeakerlabError
+from speakerlab.inference import DEFAULT_MODEL, SpeakerVerifier
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="speakerlab verify", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("enrol", help="first recording (any sample rate, channel 0 is used)")
+    parser.add_argument("test", help="second recording")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="registry id, checkpoint file or .onnx file (default %(default)s)")
+    parser.add_argument("--threshold", type=float, help="decision threshold on the cosine score")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    verifier = SpeakerVerifier.load(args.model, threshold=args.threshold, device=args.device)
+    result = verifier.verify(args.enrol, args.test)
+    decision = "same speaker" if result.same_speaker else "different speakers"
+    print(f"score: {result.score:.4f}")
+    print(f"decision: {decision} (threshold {result.threshold:g})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except SpeakerlabError as err:
+        sys.exit(f"speakerlab verify: error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Python API for embedding and verifying recordings.
+
+    >>> from speakerlab.inference import SpeakerVerifier
+    >>> verifier = SpeakerVerifier.load("iic/speech_eres2net_base_sv_zh-cn_3dspeaker_16k")
+    >>> result = verifier.verify("alice_1.wav", "alice_2.wav")
+    >>> result.score, result.same_speaker
+
+Audio may be a file path, a numpy array or a torch tensor, at any sample rate (``sample_rate``
+says which for arrays; 16 kHz when not given) and with any number of channels (channel 0 is
+used, as everywhere in speakerlab). Everything is resampled to 16 kHz. Integer arrays are scaled
+to [-1, 1]. Unreadable, empty and too-short audio raise :class:`AudioError`.
+
+The model is a registry id (downloaded with ``modelscope``), a checkpoint file (ours or a
+released one) or an exported ``.onnx`` file (run with ONNX Runtime). The decision threshold is
+the registry's for released models and the one stored in an ONNX file exported from them; for
+other checkpoints no threshold is known and :meth:`SpeakerVerifier.verify` needs one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+import torchaudio.functional
+
+from speakerlab.audio import SAMPLE_RATE, read_audio
+from speakerlab.errors import AudioError, ConfigError
+from speakerlab.extract import Embedder, TorchEmbedder, resolve_device
+from speakerlab.features import FRAME_LENGTH_MS, FRAME_SHIFT_MS, fbank, num_frames
+
+AudioInput = Union[str, Path, np.ndarray, torch.Tensor]
+DEFAULT_MODEL = "iic/speech_eres2net_base_sv_zh-cn_3dspeaker_16k"
+_BATCH_SIZE = 16
+
+
+# --------------------------------------------------------------------------- audio
+
+def _describe(audio: AudioInput, position: int | None) -> str:
+    if isinstance(audio, (str, Path)):
+        return str(audio)
+    return "audio array" if position is None else f"audio array #{position}"
+
+
+def _mono(samples: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
+    """Channel 0 of a 1-D or 2-D (channels along the shorter axis) array, as float32 in [-1, 1]."""
+    if isinstance(samples, np.ndarray):
+        samples = torch.from_numpy(np.ascontiguousarray(samples))
+    wav = samples.detach().cpu()
+    if wav.numel() == 0:
+        raise AudioError(f"{name}: audio is empty")
+    if wav.dim() == 2:
+        # (channels, samples) or (samples, channels): recordings have far more samples.
+        wav = wav[0] if wav.shape[0] <= wav.shape[1] else wav[:, 0]
+    elif wav.dim() != 1:
+        raise AudioError(f"{name}: expected 1-D (samples) or 2-D (channels x samples) audio, got "
+                         f"shape {tuple(wav.shape)}")
+    if wav.dtype in (torch.int16, torch.int32, torch.int64):
+        wav = wav.double() / float(2 ** (8 * wav.element_size() - 1))
+    elif wav.dtype == torch.uint8:
+        wav = (wav.double() - 128.0) / 128.0
+    elif not wav.is_floating_point():
+        raise AudioError(f"{name}: unsupported sample type {wav.dtype}")
+    return wav.float().contiguous()
+
+
+def prepare_waveform(audio: AudioInput, sample_rate: int | None = None,
+                     position: int | None = None) -> torch.Tensor:
+    """A 1-D float32 16 kHz waveform from a path, array or tensor (see the module docstring)."""
+    name = _describe(audio, position)
+    if isinstance(audio, (str, Path)):
+        samples, rate = read_audio(audio)  # files carry their own rate; sample_rate is for arrays
+        wav = torch.from_numpy(np.ascontiguousarray(samples))
+    elif isinstance(audio, (np.ndarray, torch.Tensor)):
+        rate = SAMPLE_RATE if sample_rate is None else int(sample_rate)
+        if rate <= 0:
+            raise ConfigError(f"{name}: sample rate must be positive, got {sample_rate}")
+        wav = _mono(audio, name)
+    else:
+        raise AudioError(f"{name!r}: expected a file path, numpy array or torch tensor, got "
+                         f"{type(audio).__name__}")
+    if wav.numel() == 0:
+        raise AudioError(f"{name}: audio is empty")
+    if not torch.isfinite(wav).all():
+        raise AudioError(f"{name}: audio contains NaN or infinite samples")
+    if rate != SAMPLE_RATE:
+        wav = torchaudio.functional.resample(wav, rate, SAMPLE_RATE)
+    return wav
+
+
+def min_seconds(min_frames: int) -> float:
+    """Shortest duration (16 kHz) that yields ``min_frames`` fbank frames."""
+    return (FRAME_LENGTH_MS + (min_frames - 1) * FRAME_SHIFT_MS) / 1000.0
+
+
+# --------------------------------------------------------------------------- models
+
+def load_embedder(source: str | Path, device: str = "cpu") -> tuple[Embedder, float | None]:
+    """An embedder and its known decision threshold (or None) for a registry id, a checkpoint
+    file or an ``.onnx`` file."""
+    if str(source).endswith(".onnx"):
+        from speakerlab.onnx_export import OnnxEmbedder
+
+        if device not in ("cpu", "auto"):
+            raise ConfigError(f"{source}: ONNX models run on the CPU here, not on {device!r}")
+        embedder = OnnxEmbedder(source)
+        return embedder, embedder.metadata.get("threshold")
+    from speakerlab.pretrained import load_model
+
+    loaded = load_model(source)
+    return TorchEmbedder(loaded.model, resolve_device(device)), loaded.threshold
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Cosine score of a pair and the decision at ``threshold`` (same speaker when >=)."""
+
+    score: float
+    threshold: float
+    same_speaker: bool
+
+
+class SpeakerVerifier:
+    """Embeds recordings and compares them by cosine similarity."""
+
+    def __init__(self, embedder: Embedder, threshold: float | None = None,
+                 source: str = "model") -> None:
+        self.embedder = embedder
+        self.threshold = threshold
+        self.source = source
+
+    @classmethod
+    def load(cls, source: str | Path = DEFAULT_MODEL, *, threshold: float | None = None,
+             device: str = "cpu") -> "SpeakerVerifier":
+        """Load a registry id, checkpoint or ONNX file; ``threshold`` overrides the model's."""
+        embedder, known_threshold = load_embedder(source, device)
+        return cls(embedder, known_threshold if threshold is None else threshold, str(source))
+
+    # ----------------------------------------------------------------- embeddings
+
+    def features(self, audio: AudioInput, sample_rate: int | None = None,
+                 position: int | None = None) -> torch.Tensor:
+        """fbank of one input, checked to be long enough for the model."""
+        wav = prepare_waveform(audio, sample_rate, position)
+        needed = self.embedder.min_frames
+        if num_frames(wav.numel()) < needed:
+            raise AudioError(f"{_describe(audio, position)}: {wav.numel() / SAMPLE_RATE:.3f} s of "
+                             f"audio is too short; the model needs at least "
+                             f"{min_seconds(needed):.3f} s ({needed} frames)")
+        return fbank(wav, num_mel_bins=self.embedder.feat_dim)
+
+    def embed(self, audio: AudioInput, sample_rate: int | None = None,
+              normalize: bool = False) -> np.ndarray:
+        """Embedding ``(dim,)`` of one recording (unit length when ``normalize``)."""
+        return self.embed_many([audio], sample_rate, normalize)[0]
+
+    def embed_many(self, audios: Sequence[AudioInput], sample_rate: int | None = None,
+                   normalize: bool = False) -> np.ndarray:
+        """Embeddings ``(n, dim)`` of several recordings, batched by equal frame count (so each
+        equals its one-at-a-time embedding)."""
+        if len(audios) == 0:
+            raise ConfigError("no audio given")
+        feats = [self.features(a, sample_rate, i if len(audios) > 1 else None)
+                 for i, a in enumerate(audios)]
+        by_length: dict[int, list[int]] = {}
+        for index, feat in enumerate(feats):
+            by_length.setdefault(feat.shape[0], []).append(index)
+        embeddings: list[np.ndarray | None] = [None] * len(feats)
+        for indices in by_length.values():
+            for start in range(0, len(indices), _BATCH_SIZE):
+                chunk = indices[start:start + _BATCH_SIZE]
+                out = self.embedder(torch.stack([feats[i] for i in chunk]))
+                for i, vector in zip(chunk, out):
+                    embeddings[i] = vector
+        matrix = np.stack(embeddings).astype(np.float32)
+        if normalize:
+            matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+        return matrix
+
+    # ----------------------------------------------------------------- verification
+
+    def _threshold(self, threshold: float | None) -> float:
+        if threshold is not None:
+            return float(threshold)
+        if self.threshold is None:
+            raise ConfigError(f"no decision threshold is known for {self.source}; pass one "
+                              "(e.g. the EER threshold on your development trials)")
+        return float(self.threshold)
+
+    def score(self, enrol: AudioInput, test: AudioInput, sample_rate: int | None = None) -> float:
+        """Cosine similarity of two recordings."""
+        return self.score_pairs([(enrol, test)], sample_rate)[0]
+
+    def score_pairs(self, pairs: Sequence[tuple[AudioInput, AudioInput]],
+                    sample_rate: int | None = None) -> list[float]:
+        """Cosine similarity of each pair; a file named in several pairs is embedded once."""
+        if len(pairs) == 0:
+            raise ConfigError("no pairs given")
+        unique: list[AudioInput] = []
+        slots: dict[object, int] = {}
+        rows = []
+        for pair in pairs:
+            if len(pair) != 2:
+                raise ConfigError(f"a pair needs two recordings, got {len(pair)}")
+            for audio in pair:
+                key = str(audio) if isinstance(audio, (str, Path)) else id(audio)
+                if key not in slots:
+                    slots[key] = len(unique)
+                    unique.append(audio)
+                rows.append(slots[key])
+        matrix = self.embed_many(unique, sample_rate, normalize=True)
+        rows_array = np.asarray(rows).reshape(-1, 2)
+        scores = np.sum(matrix[rows_array[:, 0]] * matrix[rows_array[:, 1]], axis=1)
+        return [float(s) for s in scores]
+
+    def verify(self, enrol: AudioInput, test: AudioInput, sample_rate: int | None = None,
+               threshold: float | None = None) -> Verification:
+        """Score a pair and decide (same speaker when score >= threshold)."""
+        return self.verify_pairs([(enrol, test)], sample_rate, threshold)[0]
+
+    def verify_pairs(self, pairs: Sequence[tuple[AudioInput, AudioInput]],
+                     sample_rate: int | None = None,
+                     threshold: float | None = None) -> list[Verification]:
+        """:meth:`verify` for many pairs at once."""
+        limit = self._threshold(threshold)
+        return [Verification(score, limit, score >= limit)
+                for score in self.score_pairs(pairs, sample_rate)]
+
+
+@lru_cache(maxsize=4)
+def _cached_verifier(source: str, device: str) -> SpeakerVerifier:
+    return SpeakerVerifier.load(source, device=device)
+
+
+def embed(audio: AudioInput | Sequence[AudioInput], model: str | Path = DEFAULT_MODEL,
+          sample_rate: int | None = None, device: str = "cpu") -> np.ndarray:
+    """Embedding of one recording ``(dim,)``, or ``(n, dim)`` for a list of recordings."""
+    verifier = _cached_verifier(str(model), device)
+    if isinstance(audio, (list, tuple)):
+        return verifier.embed_many(audio, sample_rate)
+    return verifier.embed(audio, sample_rate)
+
+
+def verify(enrol: AudioInput, test: AudioInput, model: str | Path = DEFAULT_MODEL,
+           threshold: float | None = None, sample_rate: int | None = None,
+           device: str = "cpu") -> Verification:
+    """Score and decision for one pair with ``model`` (loaded once and cached)."""
+    return _cached_verifier(str(model), device).verify(enrol, test, sample_rate, threshold)

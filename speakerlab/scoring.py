@@ -1,0 +1,462 @@
+"""Cosine scoring of trial lists, AS-Norm, score files, results table and DET plot.
+
+Scoring is vectorised end to end: utterance ids are mapped to rows of one L2-normalised
+embedding matrix with a dict (one look-up per trial side), and cosine scores are row-wise dot
+products of gathered rows, computed in cache-sized chunks. A million trials take well under a
+second after the trial file is parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import kaldiio
+import numpy as np
+
+from speakerlab.data.kaldi_dir import read_utt2spk, spk2utt_from_utt2spk
+from speakerlab.errors import DataError
+from speakerlab.metrics import DEFAULT_P_TARGETS, ErrorRates, eer_from_rates, error_rates, \
+    min_dcf_from_rates
+
+TARGET_LABELS: dict[str, int] = {"target": 1, "nontarget": 0, "1": 1, "0": 0}
+_LABEL_NAMES = ("nontarget", "target")
+_SCORE_CHUNK = 512  # trials per gather: both gathered blocks stay in the CPU's L2 cache
+_MAX_THREADS = 8
+_MIN_TRIALS_PER_THREAD = 100_000  # below this, starting threads costs more than it saves
+_COHORT_CHUNK = 1024  # utterances scored against the cohort at a time (bounds memory)
+DEFAULT_TOP_K = 300
+
+
+# --------------------------------------------------------------------------- trial lists
+
+@dataclass
+class Trials:
+    """A parsed trial list: parallel enrol/test ids, labels (1 target, 0 non-target) and the
+    1-based line number of each trial in ``path`` (for error messages)."""
+
+    path: Path
+    enrol: list[str]
+    test: list[str]
+    labels: np.ndarray
+    line_numbers: np.ndarray
+
+    @property
+    def name(self) -> str:
+        """The list's name: its file name (``trials_cross_device`` -> score file stem)."""
+        return self.path.name
+
+    def __len__(self) -> int:
+        return len(self.enrol)
+
+
+def _fields_per_line(text: str) -> np.ndarray:
+    """Number of whitespace-separated fields on each newline-separated line of ``text``.
+
+    ASCII text (the usual case) is counted with array operations over its bytes, which is many
+    times faster than splitting a million lines one by one.
+    """
+    if not text:
+        return np.zeros(1, dtype=np.int64)
+    if not text.isascii():
+        return np.array([len(line.split()) for line in text.split("\n")], dtype=np.int64)
+    data = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    # ASCII whitespace for str.split(): bytes 9-13 and 28-32 (uint8 wrap-around makes each
+    # range test a single comparison).
+    in_field = ~((data - np.uint8(9) <= 4) | (data - np.uint8(28) <= 4))
+    field_starts = np.flatnonzero(in_field[1:] > in_field[:-1]) + 1
+    if in_field[0]:
+        field_starts = np.concatenate(([0], field_starts))
+    newlines = np.flatnonzero(data == 10)
+    # The line of a field is the number of newlines before its first character.
+    return np.bincount(np.searchsorted(newlines, field_starts), minlength=newlines.size + 1)
+
+
+def read_trials(path: str | Path) -> Trials:
+    """Read ``enrol test label`` lines; labels are ``target``/``nontarget`` or ``1``/``0``.
+
+    Empty lines are skipped. A line with another number of fields or an unknown label raises a
+    :class:`DataError` naming the file and line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: trial list not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read trial list ({err})") from None
+
+    fields = _fields_per_line(text)
+    bad = np.flatnonzero((fields != 3) & (fields != 0))
+    if bad.size:
+        line = text.split("\n")[bad[0]]
+        raise DataError(f"{path}:{bad[0] + 1}: expected 3 fields 'enrol test label', got "
+                        f"{fields[bad[0]]}: {line.strip()!r}")
+    line_numbers = np.flatnonzero(fields) + 1
+    if line_numbers.size == 0:
+        raise DataError(f"{path}: trial list is empty")
+    # Every non-blank line has exactly three fields, so the token stream is (enrol, test, label)*.
+    tokens = text.split()
+    enrol, test, label_words = tokens[0::3], tokens[1::3], tokens[2::3]
+
+    unknown = set(label_words) - TARGET_LABELS.keys()
+    if unknown:
+        first = next(i for i, word in enumerate(label_words) if word in unknown)
+        raise DataError(f"{path}:{line_numbers[first]}: label must be target/nontarget or 1/0, "
+                        f"got {label_words[first]!r}")
+    labels = np.fromiter(map(TARGET_LABELS.__getitem__, label_words), dtype=np.int8,
+                         count=len(label_words))
+    return Trials(path=path, enrol=enrol, test=test, labels=labels, line_numbers=line_numbers)
+
+
+# --------------------------------------------------------------------------- embeddings
+
+@dataclass
+class EmbeddingTable:
+    """L2-normalised embeddings as one ``(n, dim)`` float32 matrix with an id -> row map."""
+
+    keys: list[str]
+    matrix: np.ndarray
+    index: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.index = {key: row for row, key in enumerate(self.keys)}
+
+    def rows(self, ids: Sequence[str]) -> np.ndarray:
+        """Row numbers of ``ids``; raises ``KeyError`` with the first unknown id."""
+        return np.fromiter(map(self.index.__getitem__, ids), dtype=np.int64, count=len(ids))
+
+
+def l2_normalise(matrix: np.ndarray, what: str = "embeddings",
+                 keys: Sequence[str] | None = None) -> np.ndarray:
+    """Rows scaled to unit length; a zero or non-finite row is an error naming its key."""
+    matrix = np.asarray(matrix, dtype=np.float32)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    bad = np.flatnonzero(~np.isfinite(norms[:, 0]) | (norms[:, 0] == 0))
+    if bad.size:
+        name = keys[bad[0]] if keys is not None else f"row {bad[0]}"
+        raise DataError(f"{what}: embedding of {name!r} is zero or not finite")
+    return matrix / norms
+
+
+def load_embeddings(scp_paths: str | Path | Sequence[str | Path]) -> EmbeddingTable:
+    """Read one or more Kaldi embedding scp files into a normalised :class:`EmbeddingTable`.
+
+    A key present in two files is an error (it would be ambiguous which embedding to score).
+    """
+    if isinstance(scp_paths, (str, Path)):
+        scp_paths = [scp_paths]
+    keys: list[str] = []
+    vectors: list[np.ndarray] = []
+    origin: dict[str, Path] = {}
+    for scp in map(Path, scp_paths):
+        if not scp.is_file():
+            raise DataError(f"{scp}: embedding scp not found")
+        try:
+            for key, vector in kaldiio.load_scp_sequential(str(scp)):
+                if key in origin:
+                    raise DataError(f"{scp}: utterance {key!r} already has an embedding in "
+                                    f"{origin[key]}")
+                origin[key] = scp
+                keys.append(key)
+                vectors.append(np.asarray(vector, dtype=np.float32).ravel())
+        except DataError:
+            raise
+        except Exception as err:  # kaldiio raises many types for broken ark/scp files
+            raise DataError(f"{scp}: cannot read embeddings ({type(err).__name__}: {err})") from None
+    if not keys:
+        raise DataError(f"{', '.join(map(str, scp_paths))}: no embeddings")
+    dim = vectors[0].size
+    odd = next((i for i, vector in enumerate(vectors) if vector.size != dim), None)
+    if odd is not None:
+        raise DataError(f"{origin[keys[odd]]}: embedding of {keys[odd]!r} has "
+                        f"{vectors[odd].size} dimensions, but {keys[0]!r} has {dim}")
+    matrix = l2_normalise(np.stack(vectors), "embeddings", keys)
+    return EmbeddingTable(keys=keys, matrix=matrix)
+
+
+def trial_rows(table: EmbeddingTable, trials: Trials) -> tuple[np.ndarray, np.ndarray]:
+    """Embedding rows of each trial's enrol and test utterance.
+
+    An utterance without an embedding raises a :class:`DataError` naming the trial line.
+    """
+    rows = []
+    for side, ids in (("enrol", trials.enrol), ("test", trials.test)):
+        try:
+            rows.append(table.rows(ids))
+        except KeyError:
+            first = next(i for i, utt in enumerate(ids) if utt not in table.index)
+            raise DataError(f"{trials.path}:{trials.line_numbers[first]}: {side} utterance "
+                            f"{ids[first]!r} has no embedding") from None
+    return rows[0], rows[1]
+
+
+# --------------------------------------------------------------------------- scoring
+
+def _dot_rows_into(scores: np.ndarray, matrix: np.ndarray, enrol_rows: np.ndarray,
+                   test_rows: np.ndarray) -> None:
+    """``scores[i] = matrix[enrol_rows[i]] . matrix[test_rows[i]]``, one cache-sized chunk at
+    a time (numpy releases the GIL here, so several of these run in parallel threads)."""
+    dim = matrix.shape[1]
+    enrol_buf = np.empty((_SCORE_CHUNK, dim), dtype=matrix.dtype)
+    test_buf = np.empty((_SCORE_CHUNK, dim), dtype=matrix.dtype)
+    for start in range(0, len(scores), _SCORE_CHUNK):
+        stop = min(start + _SCORE_CHUNK, len(scores))
+        n = stop - start
+        np.take(matrix, enrol_rows[start:stop], axis=0, out=enrol_buf[:n])
+        np.take(matrix, test_rows[start:stop], axis=0, out=test_buf[:n])
+        np.einsum("ij,ij->i", enrol_buf[:n], test_buf[:n], out=scores[start:stop])
+
+
+def cosine_scores(matrix: np.ndarray, enrol_rows: np.ndarray, test_rows: np.ndarray) -> np.ndarray:
+    """Row-wise dot products ``matrix[enrol_rows] . matrix[test_rows]`` (cosines when the rows
+    are unit length), split over one thread per CPU core for long lists."""
+    num_trials = len(enrol_rows)
+    scores = np.empty(num_trials, dtype=np.float32)
+    num_threads = min(_MAX_THREADS, os.cpu_count() or 1, max(1, num_trials // _MIN_TRIALS_PER_THREAD))
+    bounds = np.linspace(0, num_trials, num_threads + 1).astype(int)
+    blocks = [(scores[a:b], matrix, enrol_rows[a:b], test_rows[a:b])
+              for a, b in zip(bounds[:-1], bounds[1:])]
+    if num_threads == 1:
+        _dot_rows_into(*blocks[0])
+    else:
+        with ThreadPoolExecutor(num_threads) as pool:
+            list(pool.map(lambda block: _dot_rows_into(*block), blocks))
+    return scores
+
+
+# --------------------------------------------------------------------------- AS-Norm
+
+def load_cohort(scp_paths: str | Path | Sequence[str | Path],
+                utt2spk: str | Path | None = None) -> np.ndarray:
+    """Normalised cohort embeddings; with ``utt2spk``, one mean embedding per speaker
+    (the mean of its normalised utterance embeddings, normalised again)."""
+    table = load_embeddings(scp_paths)
+    if utt2spk is None:
+        return table.matrix
+    speakers = spk2utt_from_utt2spk(read_utt2spk(utt2spk))
+    means = []
+    for spk, utts in speakers.items():
+        rows = [table.index[u] for u in utts if u in table.index]
+        if rows:
+            means.append(table.matrix[rows].mean(axis=0))
+    if not means:
+        raise DataError(f"{utt2spk}: no utterance of the cohort utt2spk has an embedding")
+    return l2_normalise(np.stack(means), "cohort speaker means")
+
+
+def cohort_statistics(embeddings: np.ndarray, cohort: np.ndarray,
+                      top_k: int = DEFAULT_TOP_K) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (population) standard deviation of each embedding's ``top_k`` highest cosine
+    scores against the cohort (all of it when the cohort is smaller)."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    k = min(top_k, cohort.shape[0])
+    means = np.empty(len(embeddings), dtype=np.float64)
+    stds = np.empty(len(embeddings), dtype=np.float64)
+    for start in range(0, len(embeddings), _COHORT_CHUNK):
+        block = embeddings[start:start + _COHORT_CHUNK] @ cohort.T
+        top = np.partition(block, block.shape[1] - k, axis=1)[:, -k:].astype(np.float64)
+        means[start:start + len(block)] = top.mean(axis=1)
+        stds[start:start + len(block)] = top.std(axis=1)
+    return means, stds
+
+
+def as_norm(scores: np.ndarray, enrol_rows: np.ndarray, test_rows: np.ndarray,
+            matrix: np.ndarray, cohort: np.ndarray, top_k: int = DEFAULT_TOP_K) -> np.ndarray:
+    """Adaptive symmetric score normalisation (AS-Norm):
+    ``0.5 * ((s - mu_e) / sd_e + (s - mu_t) / sd_t)`` with each side's statistics taken over its
+    ``top_k`` closest cohort embeddings. Statistics are computed once per distinct utterance."""
+    used, inverse = np.unique(np.concatenate([enrol_rows, test_rows]), return_inverse=True)
+    means, stds = cohort_statistics(matrix[used], cohort, top_k)
+    stds = np.maximum(stds, 1e-8)  # a cohort of identical scores would divide by zero
+    enrol_idx, test_idx = inverse[:len(enrol_rows)], inverse[len(enrol_rows):]
+    scores = scores.astype(np.float64)
+    normed = 0.5 * ((scores - means[enrol_idx]) / stds[enrol_idx]
+                    + (scores - means[test_idx]) / stds[test_idx])
+    return normed.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- outputs
+
+def write_scores(path: str | Path, trials: Trials, scores: np.ndarray) -> Path:
+    """Write ``enrol test label score`` lines (label as target/nontarget), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    label_words = [_LABEL_NAMES[label] for label in trials.labels.tolist()]
+    lines = map("{} {} {} {:.6f}\n".format, trials.enrol, trials.test, label_words, scores.tolist())
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    tmp.replace(path)
+    return path
+
+
+@dataclass
+class TrialResult:
+    """Metrics of one trial list."""
+
+    name: str
+    num_trials: int
+    num_targets: int
+    eer: float  # fraction
+    min_dcf: dict[float, float]
+    score_file: str | None = None
+
+    def to_json(self) -> dict:
+        return {"trials": self.name, "num_trials": self.num_trials,
+                "num_targets": self.num_targets, "eer": self.eer,
+                "eer_percent": 100.0 * self.eer,
+                "min_dcf": {f"{p:g}": value for p, value in self.min_dcf.items()},
+                "score_file": self.score_file}
+
+
+def results_markdown(results: Sequence[TrialResult], title: str | None = None) -> str:
+    """One Markdown table, a row per trial list: trials, EER (%) and minDCF per p_target."""
+    p_targets = list(results[0].min_dcf) if results else []
+    header = ["trials", "trials count", "EER (%)"] + [f"minDCF (p={p:g})" for p in p_targets]
+    lines = [f"## {title}", ""] if title else []
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |")
+    for r in results:
+        cells = [r.name, str(r.num_trials), f"{100 * r.eer:.2f}"]
+        cells += [f"{r.min_dcf[p]:.4f}" for p in p_targets]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: Sequence[TrialResult], out_dir: str | Path,
+                  settings: Mapping[str, object] | None = None,
+                  stem: str = "results") -> tuple[Path, Path]:
+    """Write ``<stem>.md`` and ``<stem>.json`` (every list a row; ``settings`` describe how the
+    scores were made, e.g. the normalisation)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md_path, json_path = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
+    md_path.write_text(results_markdown(results), encoding="utf-8")
+    payload = {"settings": dict(settings or {}), "results": [r.to_json() for r in results]}
+    json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return md_path, json_path
+
+
+def _probit(rates: np.ndarray) -> np.ndarray:
+    """Normal deviate of clipped rates (the DET axes); 0 and 1 map to the plot's edges."""
+    from scipy.stats import norm
+
+    return norm.ppf(np.clip(rates, 1e-5, 1 - 1e-5))
+
+
+def _thin_curve(x: np.ndarray, y: np.ndarray, step: float = 0.004) -> tuple[np.ndarray, np.ndarray]:
+    """Drop points that would land in the same ``step``-sized cell as their predecessor, so a
+    million-trial curve draws a few thousand points with no visible change."""
+    cells = np.stack([np.round(x / step), np.round(y / step)])
+    keep = np.ones(x.size, dtype=bool)
+    keep[1:] = np.any(cells[:, 1:] != cells[:, :-1], axis=0)
+    keep[-1] = True
+    return x[keep], y[keep]
+
+
+def plot_det(curves: Mapping[str, ErrorRates], path: str | Path, title: str | None = None) -> Path:
+    """DET curves of several trial lists in one PNG (normal-deviate axes, EER marked)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # Good systems live below 40%; widen the view only when some list is that poor.
+    worst_eer = max(eer_from_rates(rates) for rates in curves.values())
+    upper = 0.6 if worst_eer < 0.25 else 0.95
+    ticks = np.array([0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9])
+    ticks = ticks[ticks < upper]
+    figure = Figure(figsize=(6, 6), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    for name, rates in curves.items():
+        x, y = _thin_curve(_probit(rates.false_alarm), _probit(rates.miss))
+        eer = eer_from_rates(rates)
+        line, = axes.plot(x, y, linewidth=1.5, label=f"{name} (EER {100 * eer:.2f}%)")
+        axes.plot(_probit(np.array([eer])), _probit(np.array([eer])), "o", color=line.get_color())
+    limits = _probit(np.array([0.0005, upper]))
+    axes.plot(limits, limits, ":", color="grey", linewidth=0.8)
+    axes.set_xlim(*limits)
+    axes.set_ylim(*limits)
+    positions = _probit(ticks)
+    labels = [f"{100 * t:g}" for t in ticks]
+    axes.set_xticks(positions, labels)
+    axes.set_yticks(positions, labels)
+    axes.set_xlabel("false-alarm rate (%)")
+    axes.set_ylabel("miss rate (%)")
+    axes.grid(True, linewidth=0.5, alpha=0.5)
+    axes.legend(loc="upper right", fontsize=8)
+    axes.set_title(title or "DET curves")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+# --------------------------------------------------------------------------- whole run
+
+@dataclass
+class ScoringSetup:
+    """How to score: optional AS-Norm cohort, the p_target values and which outputs to write."""
+
+    cohort: np.ndarray | None = None
+    top_k: int = DEFAULT_TOP_K
+    p_targets: Sequence[float] = DEFAULT_P_TARGETS
+    det_plot: bool = True
+
+
+def score_trial_list(table: EmbeddingTable, trials: Trials,
+                     setup: ScoringSetup) -> tuple[np.ndarray, ErrorRates]:
+    """Scores of one list (AS-normalised when a cohort is given) and its error rates."""
+    enrol_rows, test_rows = trial_rows(table, trials)
+    scores = cosine_scores(table.matrix, enrol_rows, test_rows)
+    if setup.cohort is not None:
+        scores = as_norm(scores, enrol_rows, test_rows, table.matrix, setup.cohort, setup.top_k)
+    try:
+        rates = error_rates(scores, trials.labels)
+    except ValueError as err:
+        raise DataError(f"{trials.path}: cannot compute metrics ({err})") from None
+    return scores, rates
+
+
+def score_trials(embedding_scps: str | Path | Sequence[str | Path],
+                 trial_paths: Sequence[str | Path], out_dir: str | Path,
+                 setup: ScoringSetup | None = None) -> list[TrialResult]:
+    """Score every trial list against the embeddings and write, under ``out_dir``:
+    ``<list>.score`` files, ``results.md``/``results.json`` and ``det.png``."""
+    setup = setup or ScoringSetup()
+    out_dir = Path(out_dir)
+    # Parse every list first so a broken one fails before any work is done.
+    trial_lists = [read_trials(p) for p in trial_paths]
+    names = [t.name for t in trial_lists]
+    if len(set(names)) != len(names):
+        raise DataError(f"trial lists must have different file names, got {names}")
+    table = load_embeddings(embedding_scps)
+
+    results, curves = [], {}
+    for trials in trial_lists:
+        scores, rates = score_trial_list(table, trials, setup)
+        score_file = write_scores(out_dir / f"{trials.name}.score", trials, scores)
+        results.append(TrialResult(
+            name=trials.name, num_trials=len(trials), num_targets=int(trials.labels.sum()),
+            eer=eer_from_rates(rates),
+            min_dcf={float(p): min_dcf_from_rates(rates, p) for p in setup.p_targets},
+            score_file=str(score_file)))
+        curves[trials.name] = rates
+
+    if isinstance(embedding_scps, (str, Path)):
+        embedding_scps = [embedding_scps]
+    settings = {"embeddings": [str(p) for p in embedding_scps],
+                "normalisation": "as-norm" if setup.cohort is not None else "none",
+                "p_targets": [float(p) for p in setup.p_targets]}
+    if setup.cohort is not None:
+        settings.update(top_k=setup.top_k, cohort_size=int(setup.cohort.shape[0]))
+    write_results(results, out_dir, settings)
+    if setup.det_plot:
+        plot_det(curves, out_dir / "det.png")
+    return results
