@@ -273,7 +273,7 @@ class CAMPPlus(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed fbank ``(batch, frames, feat_dim)`` -> ``(batch, embedding_size)``."""
-        if x.dim() != 3 or x.shape[-1] != self.feat_dim:
+        if not torch.jit.is_tracing() and (x.dim() != 3 or x.shape[-1] != self.feat_dim):
             raise ValueError(f"CAMPPlus expects fbank of shape (batch, frames, {self.feat_dim}), "
                              f"got {tuple(x.shape)}")
         return self.xvector(self.head(x.transpose(1, 2)))
