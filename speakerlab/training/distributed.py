@@ -173,22 +173,22 @@ def all_gather(ctx: DistContext, obj: Any) -> list[Any]:
     return gathered
 
 
-def all_reduce_max(ctx: DistContext, values: list[float]) -> list[float]:
-    """Element-wise maximum of ``values`` over the ranks (flags: any rank raised it)."""
+def _all_reduce(ctx: DistContext, values: list[float], op: dist.ReduceOp) -> list[float]:
     if not ctx.distributed:
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    dist.all_reduce(tensor, op=op)
     return tensor.tolist()
+
+
+def all_reduce_max(ctx: DistContext, values: list[float]) -> list[float]:
+    """Element-wise maximum of ``values`` over the ranks (flags: any rank raised it)."""
+    return _all_reduce(ctx, values, dist.ReduceOp.MAX)
 
 
 def all_reduce_sum(ctx: DistContext, values: list[float]) -> list[float]:
     """Element-wise sum of ``values`` over the ranks."""
-    if not ctx.distributed:
-        return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
+    return _all_reduce(ctx, values, dist.ReduceOp.SUM)
 
 
 def run_on_every_rank(ctx: DistContext, step: Callable[[], T]) -> T:
