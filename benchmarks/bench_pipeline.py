@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for local/ when run as a script
 
 from speakerlab.audio import read_audio  # noqa: E402
-from speakerlab.data.dataset import TrainDataset  # noqa: E402
+from speakerlab.data.dataset import TrainDataset, limit_worker_threads  # noqa: E402
 from speakerlab.data.index import build_train_index, load_train_index  # noqa: E402
 from speakerlab.features import fbank  # noqa: E402
 
@@ -104,7 +104,7 @@ class ReferenceStylePipeline:
 
 def run(train_dir: Path, noise_list: Path, rir_list: Path, num_items: int) -> dict:
     """Time every configuration and the reference-style baseline."""
-    torch.set_num_threads(1)  # as in a DataLoader worker
+    limit_worker_threads()  # one thread, as in a DataLoader worker
     with tempfile.TemporaryDirectory(prefix="bench_index_") as work:
         index = load_train_index(build_train_index(train_dir, Path(work) / "index.tsv"))
     results = []

@@ -18,12 +18,12 @@ from torch.utils.data import DataLoader
 
 from speakerlab.bin import make_index
 from speakerlab.data.augment import Augmenter, add_noise, add_reverb, mix_at_snr
-from speakerlab.data.dataset import TrainDataset, build_train_dataset
+from speakerlab.data.dataset import TrainDataset, build_train_dataset, limit_worker_threads
 from speakerlab.data.index import build_train_index, load_train_index
 from speakerlab.data.kaldi_dir import read_table, write_table
 from speakerlab.data.kaldi_fbank import KaldiFbank
 from speakerlab.data.sampler import DistributedResumableSampler
-from speakerlab.data.speed_perturb import SpeedPerturbation
+from speakerlab.data.speed_perturb import PolyphaseResampler, SpeedPerturbation
 from speakerlab.errors import AudioError, ConfigError, DataError
 from speakerlab.features import fbank
 
@@ -400,3 +400,27 @@ def test_data_config_builds_the_dataset(mini_data, tmp_path):
     cfg.speeds = [1.0, 1.0]
     with pytest.raises(ConfigError, match="speeds"):
         build_train_dataset(cfg, index_path)
+
+
+@pytest.mark.parametrize("orig,new", [(9, 10), (11, 10), (3, 4)])
+@pytest.mark.parametrize("length", [1, 7, 23, 1000, 40_001])
+def test_polyphase_resampler_equals_torchaudio(orig, new, length):
+    import torchaudio
+    samples = np.random.default_rng(length).standard_normal(length).astype(np.float32)
+    expected = torchaudio.transforms.Resample(orig, new)(torch.from_numpy(samples)).numpy()
+    resampled = PolyphaseResampler(orig, new)(samples)
+    assert resampled.shape == expected.shape
+    assert np.abs(resampled - expected).max() < 1e-5
+
+
+def test_data_workers_use_one_blas_thread():
+    from threadpoolctl import threadpool_info, threadpool_limits
+    torch_threads = torch.get_num_threads()
+    try:
+        with threadpool_limits(limits=None):  # restores the BLAS pools on leaving
+            limit_worker_threads()
+            assert torch.get_num_threads() == 1
+            assert all(pool["num_threads"] == 1 for pool in threadpool_info()
+                       if pool["user_api"] == "blas")
+    finally:
+        torch.set_num_threads(torch_threads)

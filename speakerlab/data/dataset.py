@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from torch.utils.data import Dataset
 
 from speakerlab.audio import SAMPLE_RATE
@@ -34,6 +35,17 @@ from speakerlab.errors import AudioError, ConfigError
 logger = logging.getLogger(__name__)
 
 MAX_SUBSTITUTES = 10  # rows tried in place of one that fails before giving up
+
+
+def limit_worker_threads(worker_id: int = 0) -> None:
+    """One compute thread per data worker (a ``DataLoader`` ``worker_init_fn``).
+
+    The DataLoader limits torch in its workers, not numpy's BLAS, which would otherwise start a
+    thread per core in every worker for the resampler's matrix products: on a machine whose cores
+    the workers and the training process already share, that only adds contention.
+    """
+    torch.set_num_threads(1)
+    threadpool_limits(limits=1, user_api="blas")
 
 
 class TrainDataset(Dataset):
