@@ -80,7 +80,7 @@ _PAUSE, _VOWEL, _FRICATIVE, _NASAL = 0, 1, 2, 3
 class SimulationConfig:
     """Sizes and seed of a simulated corpus (defaults: the mini corpus of the recipe)."""
 
-    num_train_speakers: int = 40
+    num_train_speakers: int = 160
     num_test_speakers: int = 20
     utts_per_speaker: int = 8
     renders_per_session: int = 2   # devices/distances recording each spoken text at once

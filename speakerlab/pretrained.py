@@ -102,7 +102,17 @@ def load_model(source: str | Path, cache_dir: str | Path | None = None) -> Loade
         raise CheckpointError(f"{source_str!r} is neither a checkpoint file nor a known model id; "
                               f"known ids: {', '.join(PRETRAINED)}")
     model, name, kwargs = load_embedding_model_spec(path)
-    return LoadedModel(model, name, kwargs, None, source_str)
+    return LoadedModel(model, name, kwargs, released_threshold(path.name, name, kwargs), source_str)
+
+
+def released_threshold(file_name: str, model_name: str, model_kwargs: dict[str, Any]) -> float | None:
+    """The threshold of the released checkpoint that a local file is, recognised by its file name
+    and architecture (a file downloaded by hand keeps its name); None for any other file."""
+    for entry in PRETRAINED.values():
+        if (entry.file_name == file_name and entry.model_name == model_name
+                and all(model_kwargs.get(key) == value for key, value in entry.model_kwargs.items())):
+            return entry.threshold
+    return None
 
 
 def _entry(model_id: str) -> PretrainedModel:

@@ -156,6 +156,19 @@ def test_checkpoint_path_needs_a_threshold(checkpoint, wavs):
         SpeakerVerifier.load(checkpoint, threshold=0.3).verify(wavs["a"], wavs["b"]).score)
 
 
+def test_a_released_checkpoint_file_keeps_its_threshold(tmp_path):
+    # A file downloaded by hand: recognised by its released name and its architecture.
+    released = tmp_path / "campplus_cn_common.bin"
+    save_embedding_model(build_model("campplus", embedding_size=192).eval(), released)
+    assert SpeakerVerifier.load(released).threshold == pytest.approx(0.249)
+    renamed = tmp_path / "my_model.bin"
+    released.rename(renamed)
+    assert SpeakerVerifier.load(renamed).threshold is None
+    other = tmp_path / "campplus_cn_common.bin"  # the released name, another architecture
+    save_embedding_model(build_model("campplus", embedding_size=64).eval(), other)
+    assert SpeakerVerifier.load(other).threshold is None
+
+
 def test_unknown_model_sources_fail_clearly(tmp_path):
     with pytest.raises(CheckpointError, match="neither a checkpoint file nor a known model id"):
         SpeakerVerifier.load(tmp_path / "nope.ckpt")
@@ -176,15 +189,17 @@ def test_verify_cli(checkpoint, wavs, capsys):
     assert "decision: different speakers (threshold 1.01)" in capsys.readouterr().out
 
 
-def test_verify_cli_errors_are_one_line(checkpoint, wavs, tmp_path):
+def test_verify_cli_errors_are_one_line(checkpoint, wavs, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         verify_cli.main([str(wavs["a"]), str(tmp_path / "gone.wav"), "--model", str(checkpoint),
                          "--threshold", "0.4"])
-    assert str(exit_info.value.code).startswith("speakerlab verify: error: ")
-    assert "gone.wav: cannot read audio" in str(exit_info.value.code)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("speakerlab verify: error: ") and err.count("\n") == 1
+    assert "gone.wav: cannot read audio" in err
     with pytest.raises(SystemExit) as exit_info:
         verify_cli.main([str(wavs["a"]), str(wavs["b"]), "--model", str(checkpoint)])
-    assert "no decision threshold is known" in str(exit_info.value.code)
+    assert "no decision threshold is known" in capsys.readouterr().err
 
 
 def test_embed_cli_files_and_wav_scp(checkpoint, verifier, wavs, tmp_path, capsys):
@@ -206,4 +221,5 @@ def test_embed_cli_files_and_wav_scp(checkpoint, verifier, wavs, tmp_path, capsy
     with pytest.raises(SystemExit) as exit_info:
         embed_cli.main([str(wavs["a"]), "--wav-scp", str(scp), "--model", str(checkpoint),
                         "--out-dir", str(tmp_path / "both")])
-    assert "give either audio files or --wav-scp" in str(exit_info.value.code)
+    assert exit_info.value.code == 1
+    assert "give either audio files or --wav-scp" in capsys.readouterr().err

@@ -138,3 +138,16 @@ def test_stats_pool_gradient_finite_on_constant_input():
     features = torch.ones(1, 2, 5, requires_grad=True)
     TemporalStatsPool()(features).sum().backward()
     assert torch.isfinite(features.grad).all()
+
+
+def test_shallower_eres2net_has_the_requested_blocks_and_is_inferred_back():
+    from speakerlab.models.checkpoint import infer_architecture
+    model = ERes2Net(**SMALL_KWARGS, num_blocks=(1, 2, 1, 1))
+    assert [len(model.layer1), len(model.layer2), len(model.layer3), len(model.layer4)] == [1, 2, 1, 1]
+    assert model(torch.randn(2, 120, 80)).shape == (2, 32)
+    name, kwargs = infer_architecture(model.state_dict())
+    assert name == "eres2net" and kwargs == {**SMALL_KWARGS, "num_blocks": [1, 2, 1, 1]}
+    # The released depth stays implicit, so released checkpoints infer as before.
+    assert "num_blocks" not in infer_architecture(ERes2Net(**SMALL_KWARGS).state_dict())[1]
+    with pytest.raises(ValueError, match="num_blocks must be four positive block counts"):
+        ERes2Net(**SMALL_KWARGS, num_blocks=(1, 0, 1, 1))

@@ -92,11 +92,20 @@ def test_onnx_backend_for_extraction_and_verification(tmp_path, capsys):
     assert "threshold" not in onnx_embedder.metadata  # unknown for our own checkpoints
     with_onnx = read_embeddings(extract_embeddings(wav_scp, onnx_embedder, tmp_path / "onnx",
                                                    progress=False))
-    # The extract command exports a checkpoint itself with --backend onnx.
+    # On the CPU the extract command exports a checkpoint itself and runs ONNX Runtime: by
+    # default, and with --backend onnx; --backend torch keeps PyTorch.
+    assert extract_cli.choose_backend("auto", "cpu") == "onnx"
+    assert extract_cli.choose_backend("torch", "cpu") == "torch"
     extract_cli.main(["--model", str(checkpoint), "--wav-scp", str(wav_scp), "--out-dir",
-                      str(tmp_path / "cli"), "--backend", "onnx", "--num-workers", "0",
-                      "--no-progress"])
+                      str(tmp_path / "cli"), "--num-workers", "0", "--no-progress"])
     assert (tmp_path / "cli" / "model.onnx").is_file()
+    extract_cli.main(["--model", str(checkpoint), "--wav-scp", str(wav_scp), "--out-dir",
+                      str(tmp_path / "cli_torch"), "--backend", "torch", "--num-workers", "0",
+                      "--no-progress"])
+    assert not (tmp_path / "cli_torch" / "model.onnx").exists()
+    np.testing.assert_allclose(
+        np.stack(list(read_embeddings(tmp_path / "cli_torch" / "embedding.scp").values())),
+        np.stack(list(with_torch.values())), atol=1e-6)
     with_cli = read_embeddings(tmp_path / "cli" / "embedding.scp")
     assert list(with_onnx) == list(with_torch) == list(with_cli)
     for key in with_torch:

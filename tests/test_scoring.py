@@ -246,8 +246,9 @@ def test_score_cli_reports_bad_trials_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         score_cli.main(["--embeddings", str(scp), "--trials", str(bad),
                         "--out-dir", str(tmp_path / "cli")])
-    assert exit_info.value.code == (f"speakerlab score: error: {bad}:2: test utterance 's9_u9' "
-                                    "has no embedding")
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == (f"speakerlab score: error: {bad}:2: test utterance 's9_u9' "
+                                       "has no embedding\n")
     with pytest.raises(SystemExit):
         score_cli.main(["--embeddings", str(scp), "--trials", str(bad), "--out-dir",
                         str(tmp_path / "cli"), "--top-k", "0"])

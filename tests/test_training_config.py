@@ -13,7 +13,7 @@ from speakerlab.models import build_model, count_parameters
 from speakerlab.training.distributed import DistContext
 from speakerlab.training.progress import TrainingMonitor
 from speakerlab.training.schedules import MarginSchedule
-from speakerlab.training.trainer import Trainer, model_spec, plain_config
+from speakerlab.training.trainer import Trainer, build_optimizer, model_spec, plain_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -118,3 +118,22 @@ def test_config_dir_adds_experiments_on_the_command_line(tmp_path, monkeypatch, 
     printed = OmegaConf.create(capsys.readouterr().out)
     assert printed.name == "mine" and printed.trainer.epochs == 3 and printed.optim.lr == 0.05
     assert printed.model.m_channels == 32 and printed.loss.margin.fix_epoch == 50  # from eres2net
+
+
+def test_optimizer_is_chosen_by_the_optim_group():
+    net = torch.nn.Linear(4, 2)
+    adamw = build_optimizer(net.parameters(), compose_config("optim=adamw").optim, 0.01)
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert adamw.param_groups[0]["betas"] == (0.9, 0.999) and adamw.param_groups[0]["lr"] == 0.01
+    sgd = build_optimizer(net.parameters(), compose_config().optim, 0.1)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["nesterov"]
+    with pytest.raises(ConfigError, match="optim.name='lamb': choose one of sgd, adamw"):
+        build_optimizer(net.parameters(), compose_config("optim.name=lamb").optim, 0.1)
+
+
+def test_mini_experiment_is_a_shallow_narrow_eres2net_with_adamw():
+    cfg = compose_config("experiment=eres2net_mini")
+    name, kwargs = model_spec(cfg.model)
+    assert name == "eres2net" and kwargs["num_blocks"] == [1, 1, 1, 1] and kwargs["m_channels"] == 8
+    assert count_parameters(build_model(name, **kwargs)) < 400_000
+    assert cfg.optim.name == "adamw" and cfg.data.speeds == [1.0]

@@ -9,13 +9,13 @@ sample rate and any number of channels (channel 0 is used). For large 16 kHz cor
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import kaldiio
 
+from speakerlab.bin import exits_on_error
 from speakerlab.data.kaldi_dir import read_wav_scp
-from speakerlab.errors import ConfigError, SpeakerlabError
+from speakerlab.errors import ConfigError
 from speakerlab.inference import DEFAULT_MODEL, SpeakerVerifier
 
 _CHUNK = 64  # recordings read into memory at a time
@@ -66,12 +66,9 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {len(keys)} embeddings of dimension {matrix.shape[1]} to {scp}")
 
 
+@exits_on_error("embed")
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except SpeakerlabError as err:
-        sys.exit(f"speakerlab embed: error: {err}")
+    run(parse_args(argv))
 
 
 if __name__ == "__main__":

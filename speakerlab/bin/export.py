@@ -10,10 +10,9 @@ released ones alike.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from speakerlab.errors import SpeakerlabError
+from speakerlab.bin import exits_on_error
 
 
 def export_embedding_model(checkpoint: str | Path, out: str | Path) -> tuple[str, dict]:
@@ -27,7 +26,8 @@ def export_embedding_model(checkpoint: str | Path, out: str | Path) -> tuple[str
     return name, kwargs
 
 
-def main() -> None:
+@exits_on_error("export")
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="speakerlab export",
         description="Export the embedding model of a training checkpoint as a plain state_dict "
@@ -35,12 +35,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="training checkpoint file, or an experiment folder (newest checkpoint)")
     parser.add_argument("--out", required=True, help="output file, e.g. exp/eres2net/model.ckpt")
-    args = parser.parse_args()
-    try:
-        name, kwargs = export_embedding_model(args.checkpoint, args.out)
-    except SpeakerlabError as err:
-        print(f"speakerlab export: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    args = parser.parse_args(argv)
+    name, kwargs = export_embedding_model(args.checkpoint, args.out)
     print(f"wrote {args.out}: {name} {kwargs}")
 
 

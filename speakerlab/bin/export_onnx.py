@@ -9,9 +9,9 @@ export fails if their cosine similarity is below 0.9999.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from speakerlab.errors import CheckpointError, SpeakerlabError
+from speakerlab.bin import exits_on_error
+from speakerlab.errors import CheckpointError
 from speakerlab.onnx_export import DEFAULT_OPSET, export_onnx, onnx_parity
 
 MIN_COSINE = 0.9999
@@ -46,12 +46,9 @@ def run(args: argparse.Namespace) -> None:
         print(f"ONNX Runtime matches PyTorch: smallest cosine similarity {cosine:.7f}")
 
 
+@exits_on_error("export-onnx")
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except SpeakerlabError as err:
-        sys.exit(f"speakerlab export-onnx: error: {err}")
+    run(parse_args(argv))
 
 
 if __name__ == "__main__":

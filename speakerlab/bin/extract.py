@@ -8,13 +8,14 @@ processes (GPUs when present); rank 0 merges the parts.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from speakerlab.errors import ConfigError, SpeakerlabError
-from speakerlab.extract import Embedder, RankInfo, barrier, extract_embeddings, init_ranks
+from speakerlab.bin import exits_on_error
+from speakerlab.errors import ConfigError
+from speakerlab.extract import (Embedder, RankInfo, barrier, extract_embeddings, init_ranks,
+                                resolve_device)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,9 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="most fbank frames per batch (default %(default)s = 160 s)")
     parser.add_argument("--num-workers", type=int, default=1,
                         help="processes reading audio and computing fbank (default %(default)s)")
-    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                        help="torch, or onnx: ONNX Runtime on the CPU (faster there); a checkpoint "
-                             "is exported to <out-dir>/model.onnx first")
+    parser.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+                        help="onnx: ONNX Runtime on the CPU, the model exported to "
+                             "<out-dir>/model.onnx first (1.2x the speed of PyTorch there, same "
+                             "embeddings to 1e-6); torch: PyTorch; auto (default): onnx on the CPU, "
+                             "torch on a GPU")
     parser.add_argument("--device", default="auto",
                         help="auto (this rank's GPU if any, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -45,20 +48,28 @@ def model_tag(source: str) -> str:
     return str(path.resolve()) if path.is_file() else source
 
 
+def choose_backend(backend: str, device: str) -> str:
+    """``auto``: ONNX Runtime when extraction runs on the CPU, PyTorch on a GPU."""
+    if backend != "auto":
+        return backend
+    return "onnx" if resolve_device(device).type == "cpu" else "torch"
+
+
 def build_embedder(args: argparse.Namespace, ranks: RankInfo) -> Embedder:
     """The PyTorch model, or ONNX Runtime on a given .onnx file or on an export of the model
     that rank 0 writes to ``<out-dir>/model.onnx`` (ONNX Runtime is faster on the CPU)."""
     from speakerlab.inference import load_embedder
 
-    if args.backend == "torch" or args.model.endswith(".onnx"):
+    backend = choose_backend(args.backend, args.device)
+    if backend == "torch" or args.model.endswith(".onnx"):
         return load_embedder(args.model, args.device)[0]
     from speakerlab.onnx_export import OnnxEmbedder, export_onnx
     from speakerlab.pretrained import load_model
 
-    if args.device not in ("cpu", "auto"):
+    if resolve_device(args.device).type != "cpu":
         raise ConfigError("--backend onnx runs on the CPU; use --device cpu")
     onnx_path = Path(args.out_dir) / "model.onnx"
-    if ranks.is_main and not onnx_path.is_file():
+    if ranks.is_main:  # always: a file left there by another model must not be used
         loaded = load_model(args.model)
         export_onnx(loaded.model, onnx_path,
                     metadata={"model_name": loaded.name, "model_kwargs": loaded.kwargs,
@@ -80,12 +91,9 @@ def run(args: argparse.Namespace) -> None:
         print(f"embeddings: {scp}")
 
 
+@exits_on_error("extract")
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except SpeakerlabError as err:
-        sys.exit(f"speakerlab extract: error: {err}")
+    run(parse_args(argv))
 
 
 if __name__ == "__main__":

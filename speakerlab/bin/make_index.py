@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
+from speakerlab.bin import exits_on_error
 from speakerlab.data.index import build_train_index, load_train_index
-from speakerlab.errors import SpeakerlabError
 
 
+@exits_on_error("make-index")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="speakerlab make-index",
@@ -25,13 +25,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="threads reading audio headers (default: 8)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        path = build_train_index(args.data_dir, args.out, args.segment_seconds,
-                                 args.max_bad_fraction, args.num_workers)
-        index = load_train_index(path)
-    except SpeakerlabError as err:
-        print(f"speakerlab make-index: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    path = build_train_index(args.data_dir, args.out, args.segment_seconds,
+                             args.max_bad_fraction, args.num_workers)
+    index = load_train_index(path)
     print(f"{path}: {len(index)} rows, {len(set(index.utts))} utterances, "
           f"{index.num_speakers} speakers")
 

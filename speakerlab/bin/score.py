@@ -7,9 +7,9 @@ the results table.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from speakerlab.errors import ConfigError, SpeakerlabError
+from speakerlab.bin import exits_on_error
+from speakerlab.errors import ConfigError
 from speakerlab.scoring import DEFAULT_TOP_K, ScoringSetup, load_cohort, results_markdown, score_trials
 
 
@@ -46,12 +46,9 @@ def run(args: argparse.Namespace) -> None:
     print(results_markdown(results), end="")
 
 
+@exits_on_error("score")
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except SpeakerlabError as err:
-        sys.exit(f"speakerlab score: error: {err}")
+    run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,8 @@ threshold is unknown (e.g. your own: use the EER threshold of your development t
 from __future__ import annotations
 
 import argparse
-import sys
 
-from speakerlab.errors import SpeakerlabError
+from speakerlab.bin import exits_on_error
 from speakerlab.inference import DEFAULT_MODEL, SpeakerVerifier
 
 
@@ -35,12 +34,9 @@ def run(args: argparse.Namespace) -> None:
     print(f"decision: {decision} (threshold {result.threshold:g})")
 
 
+@exits_on_error("verify")
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except SpeakerlabError as err:
-        sys.exit(f"speakerlab verify: error: {err}")
+    run(parse_args(argv))
 
 
 if __name__ == "__main__":

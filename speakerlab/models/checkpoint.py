@@ -25,6 +25,7 @@ from torch import nn
 
 from speakerlab.errors import CheckpointError
 from speakerlab.models import build_model
+from speakerlab.models.eres2net import BLOCKS_PER_STAGE
 
 StateDict = dict[str, torch.Tensor]
 
@@ -81,8 +82,12 @@ def infer_architecture(state: StateDict) -> tuple[str, dict[str, Any]]:
         if "layer1_downsample.weight" in shape:
             m = shape["conv1.weight"][0]
             emb, stats = shape["seg_1.weight"]
-            return "eres2net", {"m_channels": m, "embedding_size": emb,
-                                "feat_dim": stats // (m * 8 * 2 * 2) * 8}
+            kwargs = {"m_channels": m, "embedding_size": emb, "feat_dim": stats // (m * 8 * 2 * 2) * 8}
+            num_blocks = [sum(1 for k in shape if re.fullmatch(rf"layer{i}\.\d+\.conv1\.weight", k))
+                          for i in range(1, 5)]
+            if tuple(num_blocks) != BLOCKS_PER_STAGE:
+                kwargs["num_blocks"] = num_blocks
+            return "eres2net", kwargs
         if "fuse34.local_att.0.weight" in shape:
             m = shape["conv1.weight"][0]
             emb, stats = shape["seg_1.weight"]

@@ -26,12 +26,16 @@ released checkpoints load with ``strict=True``. The building blocks here are sha
 :mod:`speakerlab.models.eres2netv2`.
 """
 
+from typing import Sequence
+
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from speakerlab.models.pooling import TemporalStatsPool
 
+# Residual blocks in each of the four stages (ResNet-34 depth); ERes2Net takes others as
+# ``num_blocks`` (shallower models for quick experiments).
 BLOCKS_PER_STAGE = (3, 4, 6, 3)
 STAGE_STRIDES = (1, 2, 2, 2)
 # Stages (1-based) whose blocks merge their Res2Net branches with AFF.
@@ -156,17 +160,20 @@ class Res2NetBackbone(nn.Module):
     """
 
     def __init__(
-        self, feat_dim: int, m_channels: int, base_width: int, scale: int, expansion: int
+        self, feat_dim: int, m_channels: int, base_width: int, scale: int, expansion: int,
+        num_blocks: Sequence[int] = BLOCKS_PER_STAGE,
     ) -> None:
         super().__init__()
+        if len(num_blocks) != 4 or any(int(n) < 1 for n in num_blocks):
+            raise ValueError(f"num_blocks must be four positive block counts, got {list(num_blocks)}")
         self.feat_dim = feat_dim
         self.conv1 = nn.Conv2d(1, m_channels, kernel_size=3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(m_channels)
         self.stage_channels = []
         in_channels = m_channels
-        for stage, (num_blocks, stride) in enumerate(zip(BLOCKS_PER_STAGE, STAGE_STRIDES), 1):
+        for stage, (stage_blocks, stride) in enumerate(zip(num_blocks, STAGE_STRIDES), 1):
             blocks = []
-            for block_index in range(num_blocks):
+            for block_index in range(int(stage_blocks)):
                 block = Res2NetBottleneck(
                     in_channels,
                     m_channels * 2 ** (stage - 1),
@@ -205,13 +212,16 @@ class ERes2Net(Res2NetBackbone):
         feat_dim: fbank bins per frame.
         embedding_size: size of the output embedding.
         m_channels: stem width; 32 is the "base" model, 64 the "large" one.
+        num_blocks: residual blocks per stage (the released models: 3, 4, 6, 3).
 
     Input ``(batch, frames, feat_dim)`` fbank, output ``(batch, embedding_size)`` embeddings
     (not normalised).
     """
 
-    def __init__(self, feat_dim: int = 80, embedding_size: int = 192, m_channels: int = 32) -> None:
-        super().__init__(feat_dim, m_channels, base_width=32, scale=2, expansion=2)
+    def __init__(self, feat_dim: int = 80, embedding_size: int = 192, m_channels: int = 32,
+                 num_blocks: Sequence[int] = BLOCKS_PER_STAGE) -> None:
+        super().__init__(feat_dim, m_channels, base_width=32, scale=2, expansion=2,
+                         num_blocks=num_blocks)
         self.embedding_size = embedding_size
         c1, c2, c3, c4 = self.stage_channels
         self.layer1_downsample = strided_downsample(c1, c2)

@@ -2,10 +2,11 @@
 
 Each iteration sets the learning rate and the AAM margin from the position ``epoch + step /
 steps_per_epoch``, runs the embedding model and cosine classifier (under autocast if asked),
-checks that the loss is finite on every rank, and takes an SGD step. Checkpoints are taken at
-iteration boundaries (every N epochs, every M minutes, every S iterations; always at the end) and
-hold everything the run depends on, so a run killed at any moment and started again with the same
-command continues exactly where its newest checkpoint left it:
+checks that the loss is finite on every rank, and takes an optimizer step (SGD or AdamW, the
+``optim`` group). Checkpoints are taken at iteration boundaries (every N epochs, every M minutes,
+every S iterations; always at the end) and hold everything the run depends on, so a run killed at
+any moment and started again with the same command continues exactly where its newest checkpoint
+left it:
 
 * the data order is a pure function of (seed, epoch) and the sampler skips the batches consumed;
 * data augmentation of item ``i`` depends only on (seed, epoch, i), whatever the worker count;
@@ -27,7 +28,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -115,6 +116,23 @@ def model_spec(model_cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     spec = OmegaConf.to_container(model_cfg, resolve=True)
     name = spec.pop("name")
     return name, spec
+
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def build_optimizer(parameters: Iterable[torch.nn.Parameter], optim_cfg: DictConfig,
+                    lr: float) -> torch.optim.Optimizer:
+    """The optimizer of the ``optim`` group (conf/optim/): SGD with momentum, or AdamW."""
+    name = optim_cfg.get("name", "sgd")
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=float(optim_cfg.momentum),
+                               nesterov=bool(optim_cfg.nesterov),
+                               weight_decay=float(optim_cfg.weight_decay))
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, betas=tuple(float(b) for b in optim_cfg.betas),
+                                 weight_decay=float(optim_cfg.weight_decay))
+    raise ConfigError(f"optim.name={name!r}: choose one of {', '.join(OPTIMIZERS)}")
 
 
 def build_embedding_model(name: str, kwargs: dict[str, Any]) -> torch.nn.Module:
@@ -242,9 +260,7 @@ class Trainer:
             width = classifier_width(cfg.loss.num_classes, self.dataset.num_classes, init)
         self.classifier = CosineClassifier(int(self.model_kwargs["embedding_size"]), width)
         self.net = SpeakerClassifierNet(self.model, self.classifier).to(ctx.device)
-        self.optimizer = torch.optim.SGD(
-            self.net.parameters(), lr=self.lr_schedule(0.0), momentum=float(cfg.optim.momentum),
-            nesterov=bool(cfg.optim.nesterov), weight_decay=float(cfg.optim.weight_decay))
+        self.optimizer = build_optimizer(self.net.parameters(), cfg.optim, self.lr_schedule(0.0))
         self.scaler = torch.amp.GradScaler(ctx.device.type) if self.amp_dtype == torch.float16 else None
 
         if resume is not None:
