@@ -1,8 +1,6 @@
 """Batched, resumable, sharded extraction of a wav.scp into Kaldi ark/scp."""
 
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -16,6 +14,7 @@ from speakerlab.extract import (Embedder, TorchEmbedder, Utterance, extract_embe
 from speakerlab.features import fbank
 from speakerlab.models import build_model
 from speakerlab.models.checkpoint import save_embedding_model
+from processes import run_bounded
 
 # Lengths in samples: three of 1.0 s, two of 1.5 s (+ a few samples, same frame count), others.
 LENGTHS = [16000, 24000, 16000, 24050, 19200, 16000, 12345, 40000]
@@ -184,14 +183,11 @@ def test_torchrun_ranks_and_cli_match_single_process(tmp_path, mini_data, embedd
     single = read_embeddings(extract_embeddings(wav_scp, embedder, tmp_path / "single",
                                                 progress=False))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(port), "-m", "speakerlab", "extract", "--model", str(checkpoint),
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "speakerlab", "extract", "--model", str(checkpoint),
                "--wav-scp", str(wav_scp), "--out-dir", str(tmp_path / "ranks"),
                "--batch-size", "4", "--device", "cpu"]
-    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    run = run_bounded(command, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     ranked = read_embeddings(tmp_path / "ranks" / "embedding.scp")
     assert list(ranked) == list(single) and len(single) == len(wav_scp.read_text().splitlines())

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from processes import run_bounded
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "egs" / "3dspeaker" / "sv-eres2net" / "run.sh"
 TRIAL_LISTS = ["trials_cross_device", "trials_cross_distance", "trials_cross_dialect"]
@@ -21,8 +23,7 @@ TINY_TRAINING = ["model.m_channels=4", "model.embedding_size=16", "trainer.epoch
 
 def run_recipe(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    result = subprocess.run(["bash", str(RECIPE), *args], capture_output=True, text=True, env=env,
-                            timeout=900)
+    result = run_bounded(["bash", str(RECIPE), *args], timeout=900, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"recipe failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

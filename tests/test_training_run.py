@@ -9,10 +9,8 @@ test needs one (SIGKILL, torchrun).
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch import nn
 
 from speakerlab.cli import main as cli_main
 from speakerlab.data.index import load_train_index
@@ -29,6 +26,8 @@ from speakerlab.data.sampler import DistributedResumableSampler
 from speakerlab.models.checkpoint import load_embedding_model
 from speakerlab.training import trainer as trainer_module
 from speakerlab.training.checkpointing import list_checkpoints
+from processes import run_bounded
+from torchrun_train import NaNOnSecondBatch
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -264,33 +263,11 @@ def test_finetune_from_another_architecture_is_a_clear_error(mini_data, learned_
 # ------------------------------------------------------------------------------ non-finite loss
 
 
-class NaNOnSecondBatch(nn.Module):
-    """Wraps an embedding model; its second forward pass returns NaN (only on rank ``rank`` of
-    a multi-process run)."""
-
-    def __init__(self, inner: nn.Module, rank: str = "0") -> None:
-        super().__init__()
-        self.inner = inner
-        self.rank = rank
-        self.calls = 0
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        out = self.inner(features)
-        if self.calls == 2 and os.environ.get("RANK", "0") == self.rank:
-            return out * float("nan")
-        return out
-
-
-def nan_on_second_batch_of_rank(monkeypatch, rank: str) -> None:
-    real = trainer_module.build_model
-    monkeypatch.setattr(trainer_module, "build_model",
-                        lambda *a, **k: NaNOnSecondBatch(real(*a, **k), rank))
-
-
 @pytest.fixture
 def nan_on_second_batch(monkeypatch):
-    nan_on_second_batch_of_rank(monkeypatch, "0")
+    real = trainer_module.build_model
+    monkeypatch.setattr(trainer_module, "build_model",
+                        lambda *a, **k: NaNOnSecondBatch(real(*a, **k), "0"))
 
 
 def test_nonfinite_loss_stops_naming_step_and_batch(mini_data, tmp_path, nan_on_second_batch, capsys):
@@ -324,8 +301,7 @@ def test_nonfinite_loss_can_skip_the_batch(mini_data, tmp_path, nan_on_second_ba
 def torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={processes}", "-m", "speakerlab", "train", *args]
-    return subprocess.run(command, cwd=REPO, env=clean_environment(), capture_output=True,
-                          text=True, timeout=300)
+    return run_bounded(command, timeout=300, cwd=REPO, env=clean_environment())
 
 
 @pytest.mark.slow
@@ -343,40 +319,24 @@ def test_two_gloo_processes_train_together(mini_data, tmp_path):
     assert state["global_step"] == 6
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_as_rank(rank: int, world_size: int, port: int, args: list[str], stderr_path: Path) -> None:
-    """Body of a forked rank: the torchrun environment, then ``speakerlab train ARGS``."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    sys.stderr = open(stderr_path, "w")
-    status = train_in_process(args)
-    sys.stderr.flush()
-    os._exit(status)
-
-
-def run_two_forked_ranks(args: list[str], stderr_dir: Path) -> list[int | None]:
-    """Run ``speakerlab train ARGS`` as two ranks of a gloo group, forked from this process (which
-    has torch loaded already) with the environment torchrun gives its workers; their stderr goes
-    to ``stderr_dir/<rank>.err``. Returns the exit codes."""
-    context, port = multiprocessing.get_context("fork"), free_port()
-    ranks = [context.Process(target=run_as_rank, args=(rank, 2, port, args, stderr_dir / f"{rank}.err"))
-             for rank in range(2)]
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(timeout=120)
-    return [process.exitcode for process in ranks]
+def run_two_ranks(args: list[str], output: Path, nan_rank: str | None = None) -> list[int | None]:
+    """Run ``speakerlab train ARGS`` as two torchrun ranks (fresh interpreters, as in real use),
+    with NaN on the second batch of rank ``nan_rank`` if given. Each rank's stderr goes to
+    ``output/<rank>.err``. Returns each rank's exit status, None for a rank that did not end by
+    itself (torchrun stopped it when the other failed)."""
+    env = {**clean_environment(), "RANK_OUTPUT": str(output), "OMP_NUM_THREADS": "1"}
+    if nan_rank is not None:
+        env["NAN_RANK"] = nan_rank
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "tests" / "torchrun_train.py"), *args]
+    run_bounded(command, timeout=300, cwd=REPO, env=env)
+    statuses = [output / f"{rank}.status" for rank in range(2)]
+    return [int(path.read_text()) if path.exists() else None for path in statuses]
 
 
 def test_batch_that_does_not_divide_is_one_message_from_two_ranks(mini_data, tmp_path):
     args = overrides(mini_data, tmp_path / "ddp", *ERES2NET, "trainer.batch_size=9")
-    assert run_two_forked_ranks(args, tmp_path) == [1, 1]
+    assert run_two_ranks(args, tmp_path) == [1, 1]
     # only local rank 0 prints the error both ranks met
     assert (tmp_path / "0.err").read_text().splitlines() == [
         "speakerlab train: error: trainer.batch_size=9 (the global batch) does not divide over 2 "
@@ -448,12 +408,11 @@ def test_finished_run_started_again_does_nothing(mini_data, learned_run, capsys)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("skip", [False, True])
-def test_nonfinite_loss_on_one_rank_stops_or_skips_both(mini_data, tmp_path, monkeypatch, skip):
-    nan_on_second_batch_of_rank(monkeypatch, "1")
+def test_nonfinite_loss_on_one_rank_stops_or_skips_both(mini_data, tmp_path, skip):
     exp_dir = tmp_path / "ddp"
     args = overrides(mini_data, exp_dir, *ERES2NET, "trainer.epochs=1",
                      "trainer.max_steps_per_epoch=3", f"trainer.skip_nonfinite={str(skip).lower()}")
-    codes = run_two_forked_ranks(args, tmp_path)
+    codes = run_two_ranks(args, tmp_path, nan_rank="1")
     rank0, rank1 = (tmp_path / "0.err").read_text(), (tmp_path / "1.err").read_text()
     assert rank1 == ""
     if skip:  # both ranks skipped the same iteration and went on in step

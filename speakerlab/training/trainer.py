@@ -20,6 +20,7 @@ ends with the same weights whether or not it was interrupted.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -322,6 +323,16 @@ class Trainer:
             device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             self.train_net = DistributedDataParallel(self.net, device_ids=device_ids)
 
+    def release_distributed(self) -> None:
+        """Drop the DDP wrapper, so that the process group is freed by ``destroy_process_group``.
+
+        If DDP's C++ reducer held the last reference, the group would be destroyed whenever the
+        trainer is (e.g. with an error's traceback), holding the GIL while it joins gloo threads
+        that may still need the GIL to free the tensors of the last collective: a deadlock.
+        """
+        self.train_net = self.net
+        gc.collect()
+
     # ----------------------------------------------------------------------------- training
 
     def fit(self) -> Path:
@@ -604,9 +615,13 @@ def train(cfg: DictConfig) -> Path:
         ctx = init_distributed(cfg.trainer.device, float(cfg.trainer.dist_timeout_minutes))
         monitor = TrainingMonitor(cfg.exp_dir, enabled=ctx.is_main,
                                   progress_bar=bool(cfg.trainer.progress_bar))
+        trainer = None
         try:
-            return Trainer.create(cfg, ctx, monitor).fit()
+            trainer = Trainer.create(cfg, ctx, monitor)
+            return trainer.fit()
         finally:
+            if trainer is not None:
+                trainer.release_distributed()
             monitor.close()
             shutdown_distributed(ctx)
     finally:
