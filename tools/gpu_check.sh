@@ -54,7 +54,7 @@ prepared="$out/data"
 for precision in fp32 bf16 fp16; do
   exp="$out/eres2net_base_$precision"
   start=$SECONDS
-  timeout -k 10 "$part_timeout" speakerlab train experiment=eres2net \
+  CUDA_VISIBLE_DEVICES="$gpu" timeout -k 10 "$part_timeout" speakerlab train experiment=eres2net \
     "data.train_dir=$prepared/3dspeaker/train" "data.noise_list=$prepared/musan/wav.scp" \
     "data.rir_list=$prepared/rirs/wav.scp" \
     data.segment_seconds=1.0 "data.num_workers=$workers" "exp_dir=$exp" trainer.device=cuda \
