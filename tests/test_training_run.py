@@ -27,7 +27,7 @@ from speakerlab.models.checkpoint import load_embedding_model
 from speakerlab.training import trainer as trainer_module
 from speakerlab.training.checkpointing import list_checkpoints
 from processes import run_bounded
-from torchrun_train import NaNOnSecondBatch
+from torchrun_train import with_nan_on_second_batch
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -265,9 +265,8 @@ def test_finetune_from_another_architecture_is_a_clear_error(mini_data, learned_
 
 @pytest.fixture
 def nan_on_second_batch(monkeypatch):
-    real = trainer_module.build_model
     monkeypatch.setattr(trainer_module, "build_model",
-                        lambda *a, **k: NaNOnSecondBatch(real(*a, **k), "0"))
+                        with_nan_on_second_batch(trainer_module.build_model, "0"))
 
 
 def test_nonfinite_loss_stops_naming_step_and_batch(mini_data, tmp_path, nan_on_second_batch, capsys):
@@ -298,10 +297,12 @@ def test_nonfinite_loss_can_skip_the_batch(mini_data, tmp_path, nan_on_second_ba
 # ------------------------------------------------------------------------------ distributed
 
 
-def torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={processes}", "-m", "speakerlab", "train", *args]
-    return run_bounded(command, timeout=300, cwd=REPO, env=clean_environment())
+def torchrun(args: list[str], target: tuple[str, ...] = ("-m", "speakerlab", "train"),
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``TARGET ARGS`` as two torchrun processes, run from the repository."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               *target, *args]
+    return run_bounded(command, timeout=300, cwd=REPO, env=env or clean_environment())
 
 
 @pytest.mark.slow
@@ -327,9 +328,7 @@ def run_two_ranks(args: list[str], output: Path, nan_rank: str | None = None) ->
     env = {**clean_environment(), "RANK_OUTPUT": str(output), "OMP_NUM_THREADS": "1"}
     if nan_rank is not None:
         env["NAN_RANK"] = nan_rank
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(REPO / "tests" / "torchrun_train.py"), *args]
-    run_bounded(command, timeout=300, cwd=REPO, env=env)
+    torchrun(args, target=(str(REPO / "tests" / "torchrun_train.py"),), env=env)
     statuses = [output / f"{rank}.status" for rank in range(2)]
     return [int(path.read_text()) if path.exists() else None for path in statuses]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,13 +34,18 @@ class NaNOnSecondBatch(nn.Module):
         return out
 
 
+def with_nan_on_second_batch(build_model: Callable[..., nn.Module],
+                             rank: str) -> Callable[..., nn.Module]:
+    """``build_model`` whose models return NaN on their second forward pass on rank ``rank``."""
+    return lambda *args, **kwargs: NaNOnSecondBatch(build_model(*args, **kwargs), rank)
+
+
 def main() -> int:
     from speakerlab.cli import main as cli_main
     from speakerlab.training import trainer
 
     if "NAN_RANK" in os.environ:
-        real_build_model, rank = trainer.build_model, os.environ["NAN_RANK"]
-        trainer.build_model = lambda *a, **k: NaNOnSecondBatch(real_build_model(*a, **k), rank)
+        trainer.build_model = with_nan_on_second_batch(trainer.build_model, os.environ["NAN_RANK"])
     output = Path(os.environ["RANK_OUTPUT"])
     sys.stderr = open(output / f"{os.environ['RANK']}.err", "w")
     try:

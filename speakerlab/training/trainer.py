@@ -331,7 +331,7 @@ class Trainer:
         that may still need the GIL to free the tensors of the last collective: a deadlock.
         """
         self.train_net = self.net
-        gc.collect()
+        gc.collect()  # DDP sits in reference cycles: without a collection it would linger
 
     # ----------------------------------------------------------------------------- training
 
