@@ -37,7 +37,7 @@ from speakerlab.models import build_model
 from speakerlab.onnx_export import OnnxEmbedder, export_onnx
 
 MODELS = {
-    "eres2net": dict(m_channels=32, embedding_size=512),          # ERes2Net base (released)
+    "eres2net": dict(m_channels=32, embedding_size=512),  # ERes2Net base (released)
     "eres2net_large": dict(m_channels=64, embedding_size=512),
     "campplus": dict(embedding_size=192),
     "ecapa_tdnn": dict(channels=[1024, 1024, 1024, 1024, 3072], embedding_size=192),
@@ -80,14 +80,23 @@ def plain_loop(model: torch.nn.Module, wav_scp: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _rank_worker(rank: int, world_size: int, port: int, wav_scp: str, model_source: str,
-                 out_dir: str, batch_size: int, times: "torch.multiprocessing.Queue") -> None:
+def _rank_worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    wav_scp: str,
+    model_source: str,
+    out_dir: str,
+    batch_size: int,
+    times: torch.multiprocessing.Queue,
+) -> None:
     """One of ``world_size`` extraction ranks with one thread each (what torchrun starts)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
     if model_source.endswith(".onnx"):
         embedder = OnnxEmbedder(model_source, num_threads=1)
     else:
@@ -95,15 +104,22 @@ def _rank_worker(rank: int, world_size: int, port: int, wav_scp: str, model_sour
     embedder(torch.randn(1, 300, 80))  # warm-up
     dist.barrier()  # time the extraction only, not process start-up
     start = time.perf_counter()
-    extract_embeddings(wav_scp, embedder, out_dir, batch_size=batch_size,
-                       ranks=RankInfo(rank, world_size), progress=False)
+    extract_embeddings(
+        wav_scp,
+        embedder,
+        out_dir,
+        batch_size=batch_size,
+        ranks=RankInfo(rank, world_size),
+        progress=False,
+    )
     if rank == 0:
         times.put(time.perf_counter() - start)
     dist.destroy_process_group()
 
 
-def extract_on_ranks(world_size: int, wav_scp: Path, model_source: Path, out_dir: Path,
-                     batch_size: int) -> float:
+def extract_on_ranks(
+    world_size: int, wav_scp: Path, model_source: Path, out_dir: Path, batch_size: int
+) -> float:
     """Wall time of a ``world_size``-rank extraction (ranks started beforehand)."""
     import torch.multiprocessing as mp
 
@@ -112,8 +128,11 @@ def extract_on_ranks(world_size: int, wav_scp: Path, model_source: Path, out_dir
         port = probe.getsockname()[1]
     context = mp.get_context("spawn")
     times = context.Queue()
-    mp.spawn(_rank_worker, args=(world_size, port, str(wav_scp), str(model_source), str(out_dir),
-                                 batch_size, times), nprocs=world_size)
+    mp.spawn(
+        _rank_worker,
+        args=(world_size, port, str(wav_scp), str(model_source), str(out_dir), batch_size, times),
+        nprocs=world_size,
+    )
     return times.get()
 
 
@@ -125,8 +144,9 @@ def compare(result: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="eres2net", choices=list(MODELS))
     parser.add_argument("--num-utts", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -134,9 +154,13 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--repeats", type=int, default=1, help="best of this many runs")
-    parser.add_argument("--ranks", type=int, default=2,
-                        help="also time extraction on this many processes of one thread each "
-                             "(as under torchrun); 1 turns it off")
+    parser.add_argument(
+        "--ranks",
+        type=int,
+        default=2,
+        help="also time extraction on this many processes of one thread each "
+        "(as under torchrun); 1 turns it off",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     if args.threads:
@@ -155,13 +179,19 @@ def main() -> None:
         torch_embedder(warm)
         onnx_embedder(warm)
 
-        counter = iter(range(10 ** 6))
+        counter = iter(range(10**6))
 
         def extract_here(embedder, batch_size):
             out_dir = tmp / f"run_{next(counter)}"
             start = time.perf_counter()
-            scp = extract_embeddings(wav_scp, embedder, out_dir, batch_size=batch_size,
-                                     num_workers=args.num_workers, progress=False)
+            scp = extract_embeddings(
+                wav_scp,
+                embedder,
+                out_dir,
+                batch_size=batch_size,
+                num_workers=args.num_workers,
+                progress=False,
+            )
             return time.perf_counter() - start, read_embeddings(scp)
 
         def extract_ranks(source):
@@ -177,14 +207,16 @@ def main() -> None:
         methods = {"plain loop (PyTorch, one at a time)": plain}
         for backend, embedder in (("torch", torch_embedder), ("onnx", onnx_embedder)):
             for batch_size in (1, args.batch_size):
-                methods[f"extract {backend} bs={batch_size}"] = (
-                    lambda e=embedder, b=batch_size: extract_here(e, b))
+                methods[f"extract {backend} bs={batch_size}"] = lambda e=embedder, b=batch_size: (
+                    extract_here(e, b)
+                )
         if args.ranks > 1:
             pickled = tmp / "model.pt"
             torch.save(model, pickled)
             for backend, source in (("torch", pickled), ("onnx", onnx_path)):
-                methods[f"extract {backend} bs={args.batch_size}, {args.ranks} ranks x 1 "
-                        "thread"] = lambda s=source: extract_ranks(s)
+                methods[
+                    f"extract {backend} bs={args.batch_size}, {args.ranks} ranks x 1 thread"
+                ] = lambda s=source: extract_ranks(s)
 
         # Methods take turns in every repeat, so a change of machine load hits all of them.
         best: dict[str, tuple[float, dict]] = {}
@@ -194,24 +226,42 @@ def main() -> None:
                 if name not in best or seconds < best[name][0]:
                     best[name] = (seconds, result)
         baseline_time, reference = best["plain loop (PyTorch, one at a time)"]
-        rows = [(name, seconds, *compare(result, reference))
-                for name, (seconds, result) in best.items()]
+        rows = [
+            (name, seconds, *compare(result, reference)) for name, (seconds, result) in best.items()
+        ]
 
     load = os.getloadavg()[0]
-    print(f"model {args.model}, {args.num_utts} x {args.seconds:g} s, torch threads "
-          f"{torch.get_num_threads()}, load average at end {load:.2f}")
+    print(
+        f"model {args.model}, {args.num_utts} x {args.seconds:g} s, torch threads "
+        f"{torch.get_num_threads()}, load average at end {load:.2f}"
+    )
     print(f"{'method':40s} {'RTF':>8s} {'speed-up':>9s} {'max |diff|':>11s} {'min cos':>10s}")
     results = []
     for name, seconds, diff, cos in rows:
         rtf = seconds / audio_seconds
         print(f"{name:40s} {rtf:8.4f} {baseline_time / seconds:8.2f}x {diff:11.2e} {cos:10.7f}")
-        results.append({"method": name, "seconds": seconds, "rtf": rtf,
-                        "speedup": baseline_time / seconds, "max_abs_diff": diff,
-                        "min_cosine": cos})
+        results.append(
+            {
+                "method": name,
+                "seconds": seconds,
+                "rtf": rtf,
+                "speedup": baseline_time / seconds,
+                "max_abs_diff": diff,
+                "min_cosine": cos,
+            }
+        )
     if args.out:
-        Path(args.out).write_text(json.dumps({"model": args.model, "num_utts": args.num_utts,
-                                              "seconds": args.seconds, "results": results},
-                                             indent=2))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "num_utts": args.num_utts,
+                    "seconds": args.seconds,
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

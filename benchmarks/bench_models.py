@@ -21,8 +21,10 @@ CONFIGS = {
     "eres2net_large_emb512": ("eres2net", {"m_channels": 64, "embedding_size": 512}),
     "eres2netv2_emb192": ("eres2netv2", {"embedding_size": 192}),
     "campplus_emb512": ("campplus", {"embedding_size": 512}),
-    "ecapa_tdnn_c1024_emb192": ("ecapa_tdnn", {"channels": [1024, 1024, 1024, 1024, 3072],
-                                               "embedding_size": 192}),
+    "ecapa_tdnn_c1024_emb192": (
+        "ecapa_tdnn",
+        {"channels": [1024, 1024, 1024, 1024, 3072], "embedding_size": 192},
+    ),
 }
 SECONDS = 8.0
 FRAMES = 798  # Kaldi framing of 8 s at 16 kHz: 1 + (128000 - 400) // 160
@@ -56,13 +58,21 @@ def main() -> None:
         entry = {"model": name, "kwargs": kwargs, "parameters": count_parameters(model)}
         for batch in args.batches:
             seconds = time_forward(model, batch, args.repeats)
-            entry[f"batch{batch}"] = {"seconds_per_batch": round(seconds, 4),
-                                      "seconds_per_utterance": round(seconds / batch, 4),
-                                      "real_time_factor": round(seconds / batch / SECONDS, 5)}
+            entry[f"batch{batch}"] = {
+                "seconds_per_batch": round(seconds, 4),
+                "seconds_per_utterance": round(seconds / batch, 4),
+                "real_time_factor": round(seconds / batch / SECONDS, 5),
+            }
         results[key] = entry
-    report = {"benchmark": "model_forward", "utterance_seconds": SECONDS, "frames": FRAMES,
-              "threads": args.threads, "torch": torch.__version__, "cpu": platform.processor(),
-              "results": results}
+    report = {
+        "benchmark": "model_forward",
+        "utterance_seconds": SECONDS,
+        "frames": FRAMES,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "cpu": platform.processor(),
+        "results": results,
+    }
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

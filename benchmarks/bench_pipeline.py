@@ -35,16 +35,28 @@ from speakerlab.data.dataset import TrainDataset, limit_worker_threads  # noqa: 
 from speakerlab.data.index import build_train_index, load_train_index  # noqa: E402
 from speakerlab.features import fbank  # noqa: E402
 
-CONFIGS = [("plain", (1.0,), 0.0), ("speed", (1.0, 0.9, 1.1), 0.0),
-           ("augment", (1.0,), 0.8), ("speed+augment", (1.0, 0.9, 1.1), 0.8)]
+CONFIGS = [
+    ("plain", (1.0,), 0.0),
+    ("speed", (1.0, 0.9, 1.1), 0.0),
+    ("augment", (1.0,), 0.8),
+    ("speed+augment", (1.0, 0.9, 1.1), 0.8),
+]
 
 
 def simulate_data(work_dir: Path) -> tuple[Path, Path, Path]:
     """A small simulated corpus of 8 s utterances, prepared: (train dir, noise list, rir list)."""
     from local.prepare_3dspeaker import prepare_3dspeaker
     from local.simulate_mini_corpus import SimulationConfig, simulate_corpus
-    config = SimulationConfig(num_train_speakers=10, num_test_speakers=2, utts_per_speaker=8,
-                              min_seconds=7.0, max_seconds=9.0, num_noises=8, num_rirs=8)
+
+    config = SimulationConfig(
+        num_train_speakers=10,
+        num_test_speakers=2,
+        utts_per_speaker=8,
+        min_seconds=7.0,
+        max_seconds=9.0,
+        num_noises=8,
+        num_rirs=8,
+    )
     corpus = simulate_corpus(work_dir / "raw", config, num_workers=os.cpu_count() or 1)
     prepare_3dspeaker(corpus.corpus_dir, work_dir / "data", corpus.musan_dir, corpus.rirs_dir)
     data = work_dir / "data"
@@ -59,8 +71,10 @@ def time_items(make_item, num_items: int, warmup: int = 10) -> dict:
     for i in range(num_items):
         make_item(warmup + i)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"samples_per_s_wall": round(num_items / wall, 1),
-            "samples_per_s_cpu": round(num_items / cpu, 1)}
+    return {
+        "samples_per_s_wall": round(num_items / wall, 1),
+        "samples_per_s_cpu": round(num_items / cpu, 1),
+    }
 
 
 class ReferenceStylePipeline:
@@ -77,26 +91,26 @@ class ReferenceStylePipeline:
         wav, _ = read_audio(index.paths[row])
         if len(wav) >= self.crop:
             start = random.randint(0, len(wav) - self.crop)
-            wav = wav[start:start + self.crop]
+            wav = wav[start : start + self.crop]
         else:
             wav = np.pad(wav, (0, self.crop - len(wav)))
         if random.random() < 0.8:
             kind = random.randint(0, 2)
             if kind in (0, 2):
                 rir, _ = read_audio(random.choice(self.rirs))
-                rir = rir / np.sqrt(np.sum(rir ** 2))
+                rir = rir / np.sqrt(np.sum(rir**2))
                 wav = scipy.signal.convolve(wav, rir, mode="full")[: len(wav)]
                 wav = wav / (np.max(np.abs(wav)) + 1e-6)
             if kind in (1, 2):
                 noise, _ = read_audio(random.choice(self.noises))
                 if len(noise) >= len(wav):
                     start = random.randint(0, len(noise) - len(wav))
-                    noise = noise[start:start + len(wav)]
+                    noise = noise[start : start + len(wav)]
                 else:
                     noise = np.resize(noise, len(wav))
                 snr = random.uniform(0, 15)
-                wav_db = 10 * np.log10(np.mean(wav ** 2) + 1e-6)
-                noise_db = 10 * np.log10(np.mean(noise ** 2) + 1e-6)
+                wav_db = 10 * np.log10(np.mean(wav**2) + 1e-6)
+                noise_db = 10 * np.log10(np.mean(noise**2) + 1e-6)
                 wav = wav + np.sqrt(10 ** ((wav_db - noise_db - snr) / 10)) * noise
                 wav = wav / (np.max(np.abs(wav)) + 1e-6)
         return fbank(torch.from_numpy(np.asarray(wav, dtype=np.float32)))
@@ -109,24 +123,51 @@ def run(train_dir: Path, noise_list: Path, rir_list: Path, num_items: int) -> di
         index = load_train_index(build_train_index(train_dir, Path(work) / "index.tsv"))
     results = []
     for name, speeds, augment_prob in CONFIGS:
-        dataset = TrainDataset(index, speeds=speeds, augment_prob=augment_prob,
-                               noise_list=noise_list, rir_list=rir_list, seed=0)
-        rates = time_items(lambda i: dataset[i % len(dataset)], num_items)
-        results.append({"pipeline": "speakerlab", "config": name, "speeds": list(speeds),
-                        "augment_prob": augment_prob, **rates})
+        dataset = TrainDataset(
+            index,
+            speeds=speeds,
+            augment_prob=augment_prob,
+            noise_list=noise_list,
+            rir_list=rir_list,
+            seed=0,
+        )
+        rates = time_items(lambda i, d=dataset: d[i % len(d)], num_items)
+        results.append(
+            {
+                "pipeline": "speakerlab",
+                "config": name,
+                "speeds": list(speeds),
+                "augment_prob": augment_prob,
+                **rates,
+            }
+        )
     dataset = TrainDataset(index, speeds=(1.0,), augment_prob=0.0)
     noises = [line.split(maxsplit=1)[1].strip() for line in open(noise_list, encoding="utf-8")]
     rirs = [line.split(maxsplit=1)[1].strip() for line in open(rir_list, encoding="utf-8")]
     random.seed(0)
     rates = time_items(ReferenceStylePipeline(dataset, noises, rirs), num_items)
-    results.append({"pipeline": "reference-style", "config": "augment", "speeds": [1.0],
-                    "augment_prob": 0.8, **rates})
-    return {"num_items": num_items, "crop_seconds": dataset.crop_samples / 16000,
-            "mean_utterance_seconds": round(float(index.num_samples.mean()) / 16000, 2),
-            "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                        "load_average_1min": round(os.getloadavg()[0], 2),
-                        "torch": torch.__version__, "python": platform.python_version()},
-            "results": results}
+    results.append(
+        {
+            "pipeline": "reference-style",
+            "config": "augment",
+            "speeds": [1.0],
+            "augment_prob": 0.8,
+            **rates,
+        }
+    )
+    return {
+        "num_items": num_items,
+        "crop_seconds": dataset.crop_samples / 16000,
+        "mean_utterance_seconds": round(float(index.num_samples.mean()) / 16000, 2),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "load_average_1min": round(os.getloadavg()[0], 2),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "results": results,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,7 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.data_dir:
         if not (args.noise_list and args.rir_list):
             parser.error("--data_dir needs --noise_list and --rir_list")
-        report = run(Path(args.data_dir), Path(args.noise_list), Path(args.rir_list), args.num_items)
+        report = run(
+            Path(args.data_dir), Path(args.noise_list), Path(args.rir_list), args.num_items
+        )
     else:
         with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as work:
             report = run(*simulate_data(Path(work)), args.num_items)

@@ -65,27 +65,43 @@ def manifest(corpus_url: str = CORPUS_URL, openslr_url: str = OPENSLR_URL) -> di
 
     md5 sums are those the 3D-Speaker recipe publishes; ``3dspeaker_files.tar.gz`` has none.
     """
+
     def corpus(name: str, md5: str | None) -> Remote:
         return Remote(name, urllib.parse.urljoin(corpus_url, name), md5)
 
-    train_parts = tuple(corpus(f"train.tar.gz-part-{letter}", md5) for letter, md5 in (
-        ("a", "4109addde41d88760947263f18117ac3"), ("b", "5a17ef2fa28b1b9e340277edffb8b51c"),
-        ("c", "bd2ce08f5b51005b66afe484b01a4a59"), ("d", "5cd31d961d2d5211aea38b8b95f7239a"),
-        ("e", "58f3fb7d28ae7f4b65ee35a1ed7ab106"), ("f", "be64551c030e8087562a10df2c74ccb1")))
-    musan = Remote("musan.tar.gz", urllib.parse.urljoin(openslr_url, "17/musan.tar.gz"),
-                   "0c472d4fc0c5141eca47ad1ffeb2a7df")
-    rirs = Remote("rirs_noises.zip", urllib.parse.urljoin(openslr_url, "28/rirs_noises.zip"),
-                  "e6f48e257286e05de56413b4779d8ffb")
+    train_parts = tuple(
+        corpus(f"train.tar.gz-part-{letter}", md5)
+        for letter, md5 in (
+            ("a", "4109addde41d88760947263f18117ac3"),
+            ("b", "5a17ef2fa28b1b9e340277edffb8b51c"),
+            ("c", "bd2ce08f5b51005b66afe484b01a4a59"),
+            ("d", "5cd31d961d2d5211aea38b8b95f7239a"),
+            ("e", "58f3fb7d28ae7f4b65ee35a1ed7ab106"),
+            ("f", "be64551c030e8087562a10df2c74ccb1"),
+        )
+    )
+    musan = Remote(
+        "musan.tar.gz",
+        urllib.parse.urljoin(openslr_url, "17/musan.tar.gz"),
+        "0c472d4fc0c5141eca47ad1ffeb2a7df",
+    )
+    rirs = Remote(
+        "rirs_noises.zip",
+        urllib.parse.urljoin(openslr_url, "28/rirs_noises.zip"),
+        "e6f48e257286e05de56413b4779d8ffb",
+    )
     test = corpus("test.tar.gz", "45972606dd10d3f7c1c31f27acdfbed7")
     files = corpus("3dspeaker_files.tar.gz", None)
     return {
         "musan": Archive("musan.tar.gz", musan, (), musan.md5, "."),
         "rirs": Archive("rirs_noises.zip", rirs, (), rirs.md5, "."),
-        "train": Archive("train.tar.gz", None, train_parts, "c2cea55fd22a2b867d295fb35a2d3340",
-                         "3dspeaker"),
+        "train": Archive(
+            "train.tar.gz", None, train_parts, "c2cea55fd22a2b867d295fb35a2d3340", "3dspeaker"
+        ),
         "test": Archive("test.tar.gz", test, (), test.md5, "3dspeaker"),
-        "files": Archive("3dspeaker_files.tar.gz", files, (), None, "3dspeaker/files",
-                         flatten_to="train_wav.scp"),
+        "files": Archive(
+            "3dspeaker_files.tar.gz", files, (), None, "3dspeaker/files", flatten_to="train_wav.scp"
+        ),
     }
 
 
@@ -106,14 +122,19 @@ def check_md5(path: Path, expected: str | None) -> None:
     if expected is None:
         return
     marker = path.with_name(path.name + ".md5ok")
-    if marker.is_file() and marker.stat().st_mtime >= path.stat().st_mtime \
-            and marker.read_text().strip() == expected:
+    if (
+        marker.is_file()
+        and marker.stat().st_mtime >= path.stat().st_mtime
+        and marker.read_text().strip() == expected
+    ):
         return
     actual = md5sum(path)
     if actual != expected:
         path.unlink()
-        raise DataError(f"{path}: md5 {actual} differs from the published {expected}; the file "
-                        f"was deleted, run again to download it anew")
+        raise DataError(
+            f"{path}: md5 {actual} differs from the published {expected}; the file "
+            f"was deleted, run again to download it anew"
+        )
     marker.write_text(expected + "\n")
 
 
@@ -158,19 +179,31 @@ def download(remote: Remote, dest_dir: Path, timeout: float = 60.0) -> Path:
     if not resumed:
         offset = 0  # the server ignored the range request: start again
     if stream is not None:
-        with stream, open(partial, "ab" if resumed else "wb") as out, tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, desc=remote.name,
-                disable=None) as progress:
+        with (
+            stream,
+            open(partial, "ab" if resumed else "wb") as out,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                desc=remote.name,
+                disable=None,
+            ) as progress,
+        ):
             try:
                 for block in iter(lambda: stream.read(CHUNK_BYTES), b""):
                     out.write(block)
                     progress.update(len(block))
             except (OSError, http.client.HTTPException) as err:
-                raise DataError(f"{remote.url}: download interrupted after "
-                                f"{out.tell()} bytes ({err}); run again to resume") from None
+                raise DataError(
+                    f"{remote.url}: download interrupted after "
+                    f"{out.tell()} bytes ({err}); run again to resume"
+                ) from None
     if total is not None and partial.stat().st_size != total:
-        raise DataError(f"{remote.url}: got {partial.stat().st_size} of {total} bytes; run again "
-                        f"to resume")
+        raise DataError(
+            f"{remote.url}: got {partial.stat().st_size} of {total} bytes; run again to resume"
+        )
     partial.replace(dest)
     check_md5(dest, remote.md5)
     return dest
@@ -230,11 +263,15 @@ def unpack(archive: Archive, archive_path: Path, raw_dir: Path) -> Path:
     return target
 
 
-def download_3dspeaker(download_dir: str | Path, raw_dir: str | Path,
-                       names: tuple[str, ...] = ("musan", "rirs", "train", "test", "files"),
-                       corpus_url: str = CORPUS_URL, openslr_url: str = OPENSLR_URL,
-                       keep_parts: bool = True,
-                       archives: dict[str, Archive] | None = None) -> dict[str, Path]:
+def download_3dspeaker(
+    download_dir: str | Path,
+    raw_dir: str | Path,
+    names: tuple[str, ...] = ("musan", "rirs", "train", "test", "files"),
+    corpus_url: str = CORPUS_URL,
+    openslr_url: str = OPENSLR_URL,
+    keep_parts: bool = True,
+    archives: dict[str, Archive] | None = None,
+) -> dict[str, Path]:
     """Fetch and unpack the chosen archives (of :func:`manifest` unless ``archives`` is given);
     returns where each was unpacked."""
     archives = manifest(corpus_url, openslr_url) if archives is None else archives
@@ -254,21 +291,41 @@ def download_3dspeaker(download_dir: str | Path, raw_dir: str | Path,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--download_dir", default="data/download",
-                        help="where archives are stored (default: data/download)")
-    parser.add_argument("--raw_dir", default="data/raw",
-                        help="where archives are unpacked (default: data/raw)")
-    parser.add_argument("--archives", nargs="+", default=["musan", "rirs", "train", "test", "files"],
-                        help="which archives: musan rirs train test files (default: all)")
+    parser.add_argument(
+        "--download_dir",
+        default="data/download",
+        help="where archives are stored (default: data/download)",
+    )
+    parser.add_argument(
+        "--raw_dir", default="data/raw", help="where archives are unpacked (default: data/raw)"
+    )
+    parser.add_argument(
+        "--archives",
+        nargs="+",
+        default=["musan", "rirs", "train", "test", "files"],
+        help="which archives: musan rirs train test files (default: all)",
+    )
     parser.add_argument("--corpus_url", default=CORPUS_URL, help="base URL of the 3D-Speaker files")
-    parser.add_argument("--openslr_url", default=OPENSLR_URL,
-                        help="base URL of OpenSLR resources (a mirror may be faster)")
-    parser.add_argument("--remove_parts", action="store_true",
-                        help="delete the train.tar.gz parts once joined and verified")
+    parser.add_argument(
+        "--openslr_url",
+        default=OPENSLR_URL,
+        help="base URL of OpenSLR resources (a mirror may be faster)",
+    )
+    parser.add_argument(
+        "--remove_parts",
+        action="store_true",
+        help="delete the train.tar.gz parts once joined and verified",
+    )
     args = parser.parse_args(argv)
     try:
-        done = download_3dspeaker(args.download_dir, args.raw_dir, tuple(args.archives),
-                                  args.corpus_url, args.openslr_url, not args.remove_parts)
+        done = download_3dspeaker(
+            args.download_dir,
+            args.raw_dir,
+            tuple(args.archives),
+            args.corpus_url,
+            args.openslr_url,
+            not args.remove_parts,
+        )
     except SpeakerlabError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -27,8 +27,10 @@ from speakerlab.errors import DataError, SpeakerlabError
 
 SPLITS = ("train", "test")
 TRIAL_LISTS = ("trials_cross_device", "trials_cross_distance", "trials_cross_dialect")
-METADATA_FILES = tuple(f"{split}_{name}" for split in SPLITS
-                       for name in ("wav.scp", "utt2spk", "utt2info.csv")) + TRIAL_LISTS
+METADATA_FILES = (
+    tuple(f"{split}_{name}" for split in SPLITS for name in ("wav.scp", "utt2spk", "utt2info.csv"))
+    + TRIAL_LISTS
+)
 EXCLUDED_DEVICE = "Device09"  # the ARRAY device, left out of training and evaluation
 TRIAL_LABELS = {"target", "nontarget", "1", "0"}
 MUSAN_NOISE_SUBDIR = Path("noise") / "free-sound"
@@ -49,9 +51,11 @@ def check_corpus_layout(corpus_dir: Path) -> None:
     """Fail with one message that lists every missing part of the corpus and where it was sought."""
     missing = []
     if not corpus_dir.is_dir():
-        raise DataError(f"3D-Speaker corpus not found: {corpus_dir} is not a directory (expected "
-                        f"train/, test/ and files/ from train.tar.gz, test.tar.gz and "
-                        f"3dspeaker_files.tar.gz; see local/download_3dspeaker.py)")
+        raise DataError(
+            f"3D-Speaker corpus not found: {corpus_dir} is not a directory (expected "
+            f"train/, test/ and files/ from train.tar.gz, test.tar.gz and "
+            f"3dspeaker_files.tar.gz; see local/download_3dspeaker.py)"
+        )
     for split in SPLITS:
         if not (corpus_dir / split).is_dir():
             missing.append(f"{corpus_dir / split}/ (audio of {split}.tar.gz)")
@@ -59,8 +63,9 @@ def check_corpus_layout(corpus_dir: Path) -> None:
         if not (corpus_dir / "files" / name).is_file():
             missing.append(f"{corpus_dir / 'files' / name} (from 3dspeaker_files.tar.gz)")
     if missing:
-        raise DataError(f"3D-Speaker corpus at {corpus_dir} is incomplete; missing: "
-                        + "; ".join(missing))
+        raise DataError(
+            f"3D-Speaker corpus at {corpus_dir} is incomplete; missing: " + "; ".join(missing)
+        )
 
 
 def resolve_audio_paths(corpus_dir: Path, split: str, relative: dict[str, str]) -> dict[str, str]:
@@ -87,8 +92,10 @@ def read_utt2info_csv(path: Path) -> dict[str, list[str]]:
             if not row or (lineno == 1 and row[0].strip().lower() == "utt-id"):
                 continue
             if len(row) < 6:
-                raise DataError(f"{path}:{lineno}: expected at least 6 comma-separated fields "
-                                f"(utt, speaker, session, device, distance, dialect), got {len(row)}")
+                raise DataError(
+                    f"{path}:{lineno}: expected at least 6 comma-separated fields "
+                    f"(utt, speaker, session, device, distance, dialect), got {len(row)}"
+                )
             info[row[0].strip()] = [field.strip().replace(" ", "_") or "-" for field in row[1:]]
     return info
 
@@ -98,8 +105,9 @@ def _examples(items: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def prepare_split(corpus_dir: Path, split: str, out_dir: Path,
-                  skip_missing: bool = False) -> SplitSummary:
+def prepare_split(
+    corpus_dir: Path, split: str, out_dir: Path, skip_missing: bool = False
+) -> SplitSummary:
     """Write the Kaldi directory of one split without Device09; check that all audio exists."""
     files = corpus_dir / "files"
     relative = read_table(files / f"{split}_wav.scp")
@@ -107,27 +115,36 @@ def prepare_split(corpus_dir: Path, split: str, out_dir: Path,
     if relative.keys() != utt2spk.keys():
         only_scp = sorted(set(relative) - set(utt2spk))
         only_spk = sorted(set(utt2spk) - set(relative))
-        raise DataError(f"{files / f'{split}_wav.scp'} and {files / f'{split}_utt2spk'} list "
-                        f"different utterances: only in wav.scp: {_examples(only_scp) or 'none'}; "
-                        f"only in utt2spk: {_examples(only_spk) or 'none'}")
+        raise DataError(
+            f"{files / f'{split}_wav.scp'} and {files / f'{split}_utt2spk'} list "
+            f"different utterances: only in wav.scp: {_examples(only_scp) or 'none'}; "
+            f"only in utt2spk: {_examples(only_spk) or 'none'}"
+        )
     kept = {utt: rel for utt, rel in relative.items() if EXCLUDED_DEVICE not in utt}
     paths = resolve_audio_paths(corpus_dir, split, kept)
     missing = [path for path in paths.values() if not Path(path).is_file()]
     if missing and not skip_missing:
-        raise DataError(f"{len(missing)} of {len(paths)} {split} audio files listed in "
-                        f"{files / f'{split}_wav.scp'} are missing under {corpus_dir}: "
-                        f"{_examples(missing)} (is {split}.tar.gz fully extracted? "
-                        f"--skip_missing drops them)")
+        raise DataError(
+            f"{len(missing)} of {len(paths)} {split} audio files listed in "
+            f"{files / f'{split}_wav.scp'} are missing under {corpus_dir}: "
+            f"{_examples(missing)} (is {split}.tar.gz fully extracted? "
+            f"--skip_missing drops them)"
+        )
     if missing:
-        print(f"warning: dropping {len(missing)} missing {split} files: {_examples(missing)}",
-              file=sys.stderr)
+        print(
+            f"warning: dropping {len(missing)} missing {split} files: {_examples(missing)}",
+            file=sys.stderr,
+        )
         missing_set = set(missing)
         paths = {utt: path for utt, path in paths.items() if path not in missing_set}
     info = read_utt2info_csv(files / f"{split}_utt2info.csv")
     no_info = [utt for utt in paths if utt not in info]
     if no_info:
-        print(f"warning: {len(no_info)} {split} utterances have no row in "
-              f"{files / f'{split}_utt2info.csv'}: {_examples(no_info)}", file=sys.stderr)
+        print(
+            f"warning: {len(no_info)} {split} utterances have no row in "
+            f"{files / f'{split}_utt2info.csv'}: {_examples(no_info)}",
+            file=sys.stderr,
+        )
     utts = sorted(paths)
     kept_utt2spk = {utt: utt2spk[utt] for utt in utts}
     write_table(out_dir / "wav.scp", ((utt, paths[utt]) for utt in utts))
@@ -135,8 +152,12 @@ def prepare_split(corpus_dir: Path, split: str, out_dir: Path,
     spk2utt = spk2utt_from_utt2spk(kept_utt2spk)
     write_table(out_dir / "spk2utt", ((spk, " ".join(u)) for spk, u in spk2utt.items()))
     write_table(out_dir / "utt2info", ((utt, *info[utt]) for utt in utts if utt in info))
-    return SplitSummary(num_utts=len(utts), num_speakers=len(spk2utt),
-                        num_device09=len(relative) - len(kept), num_missing=len(missing))
+    return SplitSummary(
+        num_utts=len(utts),
+        num_speakers=len(spk2utt),
+        num_device09=len(relative) - len(kept),
+        num_missing=len(missing),
+    )
 
 
 def prepare_trials(corpus_dir: Path, out_dir: Path, test_utts: set[str]) -> dict[str, int]:
@@ -158,21 +179,27 @@ def prepare_trials(corpus_dir: Path, out_dir: Path, test_utts: set[str]) -> dict
             if not fields:
                 continue
             if len(fields) != 3 or fields[2] not in TRIAL_LABELS:
-                raise DataError(f"{src}:{lineno}: expected 'enrol_utt test_utt target|nontarget', "
-                                f"got {line.strip()!r}")
+                raise DataError(
+                    f"{src}:{lineno}: expected 'enrol_utt test_utt target|nontarget', "
+                    f"got {line.strip()!r}"
+                )
             unknown = [u for u in fields[:2] if u not in test_utts]
             if unknown:
                 if all(u in listed and EXCLUDED_DEVICE not in u for u in unknown):
                     dropped += 1  # its audio was missing and dropped on request
                     continue
-                raise DataError(f"{src}:{lineno}: utterance {unknown[0]} is not in the prepared "
-                                f"test set (not in files/test_wav.scp, or recorded with "
-                                f"{EXCLUDED_DEVICE})")
+                raise DataError(
+                    f"{src}:{lineno}: utterance {unknown[0]} is not in the prepared "
+                    f"test set (not in files/test_wav.scp, or recorded with "
+                    f"{EXCLUDED_DEVICE})"
+                )
             kept_lines.append(line)
         dest = out_dir / name
         if dropped:
-            print(f"warning: {name}: left out {dropped} trials whose audio is missing",
-                  file=sys.stderr)
+            print(
+                f"warning: {name}: left out {dropped} trials whose audio is missing",
+                file=sys.stderr,
+            )
             tmp = dest.with_name(dest.name + ".tmp")
             tmp.write_text("".join(kept_lines), encoding="utf-8")
             tmp.replace(dest)
@@ -187,11 +214,15 @@ def prepare_musan(musan_dir: Path, out_dir: Path) -> int:
     noise_dir = musan_dir / MUSAN_NOISE_SUBDIR
     wavs = sorted(noise_dir.glob("*.wav")) if noise_dir.is_dir() else []
     if not wavs:
-        raise DataError(f"no MUSAN noise found: {noise_dir} "
-                        f"{'has no .wav files' if noise_dir.is_dir() else 'does not exist'} "
-                        f"(expected the MUSAN root from musan.tar.gz, containing noise/free-sound)")
-    write_table(out_dir / "wav.scp",
-                ((f"{MUSAN_NOISE_SUBDIR.as_posix()}/{wav.name}", str(wav.resolve())) for wav in wavs))
+        raise DataError(
+            f"no MUSAN noise found: {noise_dir} "
+            f"{'has no .wav files' if noise_dir.is_dir() else 'does not exist'} "
+            f"(expected the MUSAN root from musan.tar.gz, containing noise/free-sound)"
+        )
+    write_table(
+        out_dir / "wav.scp",
+        ((f"{MUSAN_NOISE_SUBDIR.as_posix()}/{wav.name}", str(wav.resolve())) for wav in wavs),
+    )
     return len(wavs)
 
 
@@ -204,8 +235,10 @@ def prepare_rirs(rirs_dir: Path, out_dir: Path) -> int:
     """
     rir_dir = rirs_dir / RIRS_SUBDIR
     if not rir_dir.is_dir():
-        raise DataError(f"no room impulse responses found: {rir_dir} does not exist (expected the "
-                        f"RIRS_NOISES root from rirs_noises.zip)")
+        raise DataError(
+            f"no room impulse responses found: {rir_dir} does not exist (expected the "
+            f"RIRS_NOISES root from rirs_noises.zip)"
+        )
     rir_list = rir_dir / "rir_list"
     entries = []
     if rir_list.is_file():
@@ -215,8 +248,10 @@ def prepare_rirs(rirs_dir: Path, out_dir: Path) -> int:
                 if not fields:
                     continue
                 if len(fields) < 5:
-                    raise DataError(f"{rir_list}:{lineno}: expected '--rir-id ID --room-id ROOM "
-                                    f"PATH', got {line.strip()!r}")
+                    raise DataError(
+                        f"{rir_list}:{lineno}: expected '--rir-id ID --room-id ROOM "
+                        f"PATH', got {line.strip()!r}"
+                    )
                 rel = fields[4]
                 path = rirs_dir.parent / rel
                 if not path.is_file():
@@ -225,24 +260,31 @@ def prepare_rirs(rirs_dir: Path, out_dir: Path) -> int:
                     raise DataError(f"{rir_list}:{lineno}: {rel} not found under {rirs_dir.parent}")
                 entries.append((rel, str(path.resolve())))
     else:
-        entries = [(f"{rirs_dir.name}/{RIRS_SUBDIR}/{wav.name}", str(wav.resolve()))
-                   for wav in sorted(rir_dir.glob("*.wav"))]
+        entries = [
+            (f"{rirs_dir.name}/{RIRS_SUBDIR}/{wav.name}", str(wav.resolve()))
+            for wav in sorted(rir_dir.glob("*.wav"))
+        ]
     if not entries:
         raise DataError(f"no room impulse responses found in {rir_dir}")
     write_table(out_dir / "wav.scp", entries)
     return len(entries)
 
 
-def prepare_3dspeaker(corpus_dir: str | Path, data_dir: str | Path,
-                      musan_dir: str | Path | None = None, rirs_dir: str | Path | None = None,
-                      skip_missing: bool = False) -> dict:
+def prepare_3dspeaker(
+    corpus_dir: str | Path,
+    data_dir: str | Path,
+    musan_dir: str | Path | None = None,
+    rirs_dir: str | Path | None = None,
+    skip_missing: bool = False,
+) -> dict:
     """Prepare everything; returns a summary (counts per split, trials, noises, RIRs)."""
     corpus_dir, data_dir = Path(corpus_dir).resolve(), Path(data_dir)
     check_corpus_layout(corpus_dir)
     summary: dict = {}
     for split in SPLITS:
-        summary[split] = prepare_split(corpus_dir, split, data_dir / "3dspeaker" / split,
-                                       skip_missing)
+        summary[split] = prepare_split(
+            corpus_dir, split, data_dir / "3dspeaker" / split, skip_missing
+        )
     test_utts = set(read_table(data_dir / "3dspeaker" / "test" / "wav.scp"))
     summary["trials"] = prepare_trials(corpus_dir, data_dir / "3dspeaker" / "trials", test_utts)
     if musan_dir is not None:
@@ -254,25 +296,32 @@ def prepare_3dspeaker(corpus_dir: str | Path, data_dir: str | Path,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus_dir", required=True,
-                        help="3D-Speaker root with train/, test/ and files/")
+    parser.add_argument(
+        "--corpus_dir", required=True, help="3D-Speaker root with train/, test/ and files/"
+    )
     parser.add_argument("--data_dir", required=True, help="where 3dspeaker/, musan/, rirs/ go")
     parser.add_argument("--musan_dir", help="MUSAN root (with noise/free-sound); omit to skip")
     parser.add_argument("--rirs_dir", help="RIRS_NOISES root; omit to skip")
-    parser.add_argument("--skip_missing", action="store_true",
-                        help="drop listed utterances whose audio is missing instead of failing")
+    parser.add_argument(
+        "--skip_missing",
+        action="store_true",
+        help="drop listed utterances whose audio is missing instead of failing",
+    )
     args = parser.parse_args(argv)
     try:
-        summary = prepare_3dspeaker(args.corpus_dir, args.data_dir, args.musan_dir,
-                                    args.rirs_dir, args.skip_missing)
+        summary = prepare_3dspeaker(
+            args.corpus_dir, args.data_dir, args.musan_dir, args.rirs_dir, args.skip_missing
+        )
     except SpeakerlabError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     for split in SPLITS:
         s = summary[split]
-        print(f"{split}: {s.num_utts} utterances, {s.num_speakers} speakers "
-              f"({s.num_device09} {EXCLUDED_DEVICE} utterances dropped"
-              f"{f', {s.num_missing} missing dropped' if s.num_missing else ''})")
+        print(
+            f"{split}: {s.num_utts} utterances, {s.num_speakers} speakers "
+            f"({s.num_device09} {EXCLUDED_DEVICE} utterances dropped"
+            f"{f', {s.num_missing} missing dropped' if s.num_missing else ''})"
+        )
     print("trials: " + ", ".join(f"{name} {n}" for name, n in summary["trials"].items()))
     for name in ("musan", "rirs"):
         if name in summary:

@@ -27,10 +27,11 @@ def audio_info(path: str | Path) -> soundfile._SoundFileInfo:
 
 
 def read_audio(path: str | Path, start: int = 0, frames: int = -1) -> tuple[np.ndarray, int]:
-    """Read ``frames`` samples from ``start`` (all by default): (float32 channel-0 samples, rate)."""
+    """``frames`` samples from ``start`` (all by default): (float32 channel-0 samples, rate)."""
     try:
-        data, rate = soundfile.read(str(path), start=start, frames=frames, dtype="float32",
-                                    always_2d=True)
+        data, rate = soundfile.read(
+            str(path), start=start, frames=frames, dtype="float32", always_2d=True
+        )
     except Exception as err:
         raise AudioError(f"{path}: cannot read audio ({err})") from None
     samples = data[:, 0]
@@ -39,7 +40,9 @@ def read_audio(path: str | Path, start: int = 0, frames: int = -1) -> tuple[np.n
     return samples, rate
 
 
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, resample: bool = False) -> torch.Tensor:
+def load_audio(
+    path: str | Path, sample_rate: int = SAMPLE_RATE, resample: bool = False
+) -> torch.Tensor:
     """Whole file as a 1-D float32 tensor at ``sample_rate``.
 
     A file at another rate is an error unless ``resample`` is set (training and test data must

@@ -24,10 +24,10 @@ import io
 import os
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import kaldiio
 import numpy as np
@@ -49,6 +49,7 @@ _PROBE_MAX_FRAMES = 200  # 2 s: a model that needs more is of no use for verific
 
 
 # --------------------------------------------------------------------------- embedders
+
 
 class Embedder(ABC):
     """Maps fbank ``(batch, frames, feat_dim)`` to embeddings ``(batch, dim)`` (numpy float32).
@@ -82,8 +83,10 @@ class Embedder(ABC):
         rejected by every model in the zoo in a way that only depends on the length)."""
         if self._min_frames is None:
             if not self._accepts(_PROBE_MAX_FRAMES):
-                raise ConfigError(f"the model gives no finite embedding even for "
-                                  f"{_PROBE_MAX_FRAMES} frames of input")
+                raise ConfigError(
+                    f"the model gives no finite embedding even for "
+                    f"{_PROBE_MAX_FRAMES} frames of input"
+                )
             low, high = 1, _PROBE_MAX_FRAMES  # high is accepted
             while low < high:
                 middle = (low + high) // 2
@@ -122,6 +125,7 @@ def resolve_device(device: str) -> torch.device:
 
 # --------------------------------------------------------------------------- utterances
 
+
 @dataclass(frozen=True)
 class Utterance:
     """One ``wav.scp`` entry with its fbank frame count (from the audio header)."""
@@ -146,24 +150,33 @@ def scan_wav_scp(wav_scp: str | Path, min_frames: int = 1) -> list[Utterance]:
             continue
         frames = num_frames(info.frames)
         if info.samplerate != SAMPLE_RATE:
-            problems.append(f"{utt}: {path}: sample rate is {info.samplerate} Hz, expected "
-                            f"{SAMPLE_RATE} Hz")
+            problems.append(
+                f"{utt}: {path}: sample rate is {info.samplerate} Hz, expected {SAMPLE_RATE} Hz"
+            )
         elif info.frames == 0:
             problems.append(f"{utt}: {path}: audio is empty")
         elif frames < min_frames:
-            problems.append(f"{utt}: {path}: {info.frames / SAMPLE_RATE:.3f} s gives {frames} "
-                            f"frames, the model needs at least {min_frames}")
+            problems.append(
+                f"{utt}: {path}: {info.frames / SAMPLE_RATE:.3f} s gives {frames} "
+                f"frames, the model needs at least {min_frames}"
+            )
         else:
             utterances.append(Utterance(utt, path, frames))
     if problems:
-        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-        raise AudioError(f"{wav_scp}: {len(problems)} unusable recording(s):\n  "
-                         + "\n  ".join(problems[:_MAX_LISTED]) + more)
+        more = (
+            f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        )
+        raise AudioError(
+            f"{wav_scp}: {len(problems)} unusable recording(s):\n  "
+            + "\n  ".join(problems[:_MAX_LISTED])
+            + more
+        )
     return utterances
 
 
-def make_batches(utterances: Sequence[Utterance], batch_size: int,
-                 max_batch_frames: int) -> list[list[Utterance]]:
+def make_batches(
+    utterances: Sequence[Utterance], batch_size: int, max_batch_frames: int
+) -> list[list[Utterance]]:
     """Batches of utterances with identical frame counts (see the module docstring)."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
@@ -171,9 +184,12 @@ def make_batches(utterances: Sequence[Utterance], batch_size: int,
     batches: list[list[Utterance]] = []
     for utt in ordered:
         current = batches[-1] if batches else None
-        fits = (current is not None and current[0].num_frames == utt.num_frames
-                and len(current) < batch_size
-                and (len(current) + 1) * utt.num_frames <= max_batch_frames)
+        fits = (
+            current is not None
+            and current[0].num_frames == utt.num_frames
+            and len(current) < batch_size
+            and (len(current) + 1) * utt.num_frames <= max_batch_frames
+        )
         if fits:
             current.append(utt)
         else:
@@ -196,13 +212,16 @@ class BatchFeatures(Dataset):
         for utt in self.batches[index]:
             feat = fbank(load_audio(utt.path), num_mel_bins=self.num_mel_bins)
             if feat.shape[0] != utt.num_frames:  # a header that lies about the length
-                raise AudioError(f"{utt.path}: header promises {utt.num_frames} frames, the "
-                                 f"audio gives {feat.shape[0]}")
+                raise AudioError(
+                    f"{utt.path}: header promises {utt.num_frames} frames, the "
+                    f"audio gives {feat.shape[0]}"
+                )
             feats.append(feat)
         return [u.utt for u in self.batches[index]], torch.stack(feats)
 
 
 # --------------------------------------------------------------------------- ark/scp parts
+
 
 def complete_scp_lines(path: Path) -> list[str]:
     """Lines of an scp that were written completely (newline-terminated ``key ark:offset``)."""
@@ -240,7 +259,7 @@ class PartWriter:
         a partial entry at its end: nothing points to it and appends go after it)."""
         if self.scp_path.is_file():
             data = self.scp_path.read_bytes()
-            self.scp_path.write_bytes(data[:data.rfind(b"\n") + 1])
+            self.scp_path.write_bytes(data[: data.rfind(b"\n") + 1])
 
     def write(self, utts: Sequence[str], embeddings: np.ndarray) -> None:
         scp_lines = io.StringIO()
@@ -266,8 +285,10 @@ def merge_parts(out_dir: Path, keys: Sequence[str]) -> Path:
             sources[key] = location
     missing = [k for k in keys if k not in sources]
     if missing:
-        raise DataError(f"{out_dir}: {len(missing)} utterance(s) have no embedding after "
-                        f"extraction, e.g. {missing[:_MAX_LISTED]}")
+        raise DataError(
+            f"{out_dir}: {len(missing)} utterance(s) have no embedding after "
+            f"extraction, e.g. {missing[:_MAX_LISTED]}"
+        )
     ark = (out_dir / f"{EMBEDDING_NAME}.ark").resolve()
     tmp_ark, tmp_scp = ark.with_name(ark.name + ".tmp"), old_scp.with_name(old_scp.name + ".tmp")
     scp_lines = []
@@ -289,6 +310,7 @@ def merge_parts(out_dir: Path, keys: Sequence[str]) -> Path:
 
 
 # --------------------------------------------------------------------------- ranks
+
 
 @dataclass(frozen=True)
 class RankInfo:
@@ -324,12 +346,18 @@ def barrier(ranks: RankInfo) -> None:
 
 # --------------------------------------------------------------------------- extraction
 
-def iterate_batches(batches: Sequence[Sequence[Utterance]], num_mel_bins: int,
-                    num_workers: int) -> Iterator[tuple[list[str], torch.Tensor]]:
+
+def iterate_batches(
+    batches: Sequence[Sequence[Utterance]], num_mel_bins: int, num_workers: int
+) -> Iterator[tuple[list[str], torch.Tensor]]:
     """(ids, fbank batch) in order; audio reading and fbank run in ``num_workers`` processes."""
-    loader = DataLoader(BatchFeatures(batches, num_mel_bins), batch_size=None, shuffle=False,
-                        num_workers=num_workers,
-                        prefetch_factor=2 if num_workers > 0 else None)
+    loader = DataLoader(
+        BatchFeatures(batches, num_mel_bins),
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
     yield from loader
 
 
@@ -341,16 +369,25 @@ def check_model_tag(out_dir: Path, model_tag: str) -> bool:
         return True
     recorded = tag_file.read_text(encoding="utf-8").strip()
     if recorded != model_tag:
-        raise ConfigError(f"{out_dir} holds embeddings of model {recorded!r}, not {model_tag!r}; "
-                          "use another output directory or delete it")
+        raise ConfigError(
+            f"{out_dir} holds embeddings of model {recorded!r}, not {model_tag!r}; "
+            "use another output directory or delete it"
+        )
     return False
 
 
-def extract_embeddings(wav_scp: str | Path, embedder: Embedder,
-                       out_dir: str | Path, *, batch_size: int = 16,
-                       max_batch_frames: int = 16000, num_workers: int = 0,
-                       ranks: RankInfo | None = None, progress: bool = True,
-                       model_tag: str | None = None) -> Path:
+def extract_embeddings(
+    wav_scp: str | Path,
+    embedder: Embedder,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 16,
+    max_batch_frames: int = 16000,
+    num_workers: int = 0,
+    ranks: RankInfo | None = None,
+    progress: bool = True,
+    model_tag: str | None = None,
+) -> Path:
     """Embed every utterance of ``wav_scp`` into ``<out_dir>/embedding.scp`` (+ ``.ark``).
 
     Resumes an interrupted run in ``out_dir``; ``model_tag`` (e.g. the model's path) guards
@@ -370,12 +407,17 @@ def extract_embeddings(wav_scp: str | Path, embedder: Embedder,
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / MODEL_TAG_FILE).write_text(f"{model_tag}\n", encoding="utf-8")
     todo = [u for u in utterances if u.utt not in done]
-    my_batches = make_batches(todo, batch_size, max_batch_frames)[ranks.rank::ranks.world_size]
+    my_batches = make_batches(todo, batch_size, max_batch_frames)[ranks.rank :: ranks.world_size]
 
     if my_batches:
         writer = PartWriter(out_dir, ranks.rank, ranks.world_size)
-        bar = tqdm(total=sum(map(len, my_batches)), unit="utt", desc="extract",
-                   disable=not (progress and ranks.is_main), dynamic_ncols=True)
+        bar = tqdm(
+            total=sum(map(len, my_batches)),
+            unit="utt",
+            desc="extract",
+            disable=not (progress and ranks.is_main),
+            dynamic_ncols=True,
+        )
         try:
             for utts, feats in iterate_batches(my_batches, embedder.feat_dim, num_workers):
                 writer.write(utts, embedder(feats))

@@ -10,8 +10,12 @@ FRAME_SHIFT_MS = 10.0
 FRAME_LENGTH_MS = 25.0
 
 
-def fbank(wav: torch.Tensor, sample_rate: int = 16000, num_mel_bins: int = NUM_MEL_BINS,
-          mean_norm: bool = True) -> torch.Tensor:
+def fbank(
+    wav: torch.Tensor,
+    sample_rate: int = 16000,
+    num_mel_bins: int = NUM_MEL_BINS,
+    mean_norm: bool = True,
+) -> torch.Tensor:
     """Log-mel fbank of a 1-D waveform in [-1, 1]: ``(frames, num_mel_bins)``.
 
     25 ms windows every 10 ms, no dither (so embeddings are the same on every run), then the mean
@@ -19,8 +23,14 @@ def fbank(wav: torch.Tensor, sample_rate: int = 16000, num_mel_bins: int = NUM_M
     """
     if wav.dim() != 1:
         raise ValueError(f"fbank expects a 1-D waveform, got shape {tuple(wav.shape)}")
-    feats = kaldi.fbank(wav.unsqueeze(0), num_mel_bins=num_mel_bins, sample_frequency=sample_rate,
-                        frame_length=FRAME_LENGTH_MS, frame_shift=FRAME_SHIFT_MS, dither=0.0)
+    feats = kaldi.fbank(
+        wav.unsqueeze(0),
+        num_mel_bins=num_mel_bins,
+        sample_frequency=sample_rate,
+        frame_length=FRAME_LENGTH_MS,
+        frame_shift=FRAME_SHIFT_MS,
+        dither=0.0,
+    )
     if mean_norm:
         feats = feats - feats.mean(dim=0, keepdim=True)
     return feats

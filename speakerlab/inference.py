@@ -18,10 +18,10 @@ other checkpoints no threshold is known and :meth:`SpeakerVerifier.verify` needs
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -32,12 +32,13 @@ from speakerlab.errors import AudioError, ConfigError
 from speakerlab.extract import Embedder, TorchEmbedder, resolve_device
 from speakerlab.features import FRAME_LENGTH_MS, FRAME_SHIFT_MS, fbank, num_frames
 
-AudioInput = Union[str, Path, np.ndarray, torch.Tensor]
+AudioInput = str | Path | np.ndarray | torch.Tensor
 DEFAULT_MODEL = "iic/speech_eres2net_base_sv_zh-cn_3dspeaker_16k"
 _BATCH_SIZE = 16
 
 
 # --------------------------------------------------------------------------- audio
+
 
 def _describe(audio: AudioInput, position: int | None) -> str:
     if isinstance(audio, (str, Path)):
@@ -56,8 +57,10 @@ def _mono(samples: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
         # (channels, samples) or (samples, channels): recordings have far more samples.
         wav = wav[0] if wav.shape[0] <= wav.shape[1] else wav[:, 0]
     elif wav.dim() != 1:
-        raise AudioError(f"{name}: expected 1-D (samples) or 2-D (channels x samples) audio, got "
-                         f"shape {tuple(wav.shape)}")
+        raise AudioError(
+            f"{name}: expected 1-D (samples) or 2-D (channels x samples) audio, got "
+            f"shape {tuple(wav.shape)}"
+        )
     if wav.dtype in (torch.int16, torch.int32, torch.int64):
         wav = wav.double() / float(2 ** (8 * wav.element_size() - 1))
     elif wav.dtype == torch.uint8:
@@ -67,8 +70,9 @@ def _mono(samples: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
     return wav.float().contiguous()
 
 
-def prepare_waveform(audio: AudioInput, sample_rate: int | None = None,
-                     position: int | None = None) -> torch.Tensor:
+def prepare_waveform(
+    audio: AudioInput, sample_rate: int | None = None, position: int | None = None
+) -> torch.Tensor:
     """A 1-D float32 16 kHz waveform from a path, array or tensor (see the module docstring)."""
     name = _describe(audio, position)
     if isinstance(audio, (str, Path)):
@@ -80,8 +84,10 @@ def prepare_waveform(audio: AudioInput, sample_rate: int | None = None,
             raise ConfigError(f"{name}: sample rate must be positive, got {sample_rate}")
         wav = _mono(audio, name)
     else:
-        raise AudioError(f"{name!r}: expected a file path, numpy array or torch tensor, got "
-                         f"{type(audio).__name__}")
+        raise AudioError(
+            f"{name!r}: expected a file path, numpy array or torch tensor, got "
+            f"{type(audio).__name__}"
+        )
     if wav.numel() == 0:
         raise AudioError(f"{name}: audio is empty")
     if not torch.isfinite(wav).all():
@@ -97,6 +103,7 @@ def min_seconds(min_frames: int) -> float:
 
 
 # --------------------------------------------------------------------------- models
+
 
 def load_embedder(source: str | Path, device: str = "cpu") -> tuple[Embedder, float | None]:
     """An embedder and its known decision threshold (or None) for a registry id, a checkpoint
@@ -126,52 +133,65 @@ class Verification:
 class SpeakerVerifier:
     """Embeds recordings and compares them by cosine similarity."""
 
-    def __init__(self, embedder: Embedder, threshold: float | None = None,
-                 source: str = "model") -> None:
+    def __init__(
+        self, embedder: Embedder, threshold: float | None = None, source: str = "model"
+    ) -> None:
         self.embedder = embedder
         self.threshold = threshold
         self.source = source
 
     @classmethod
-    def load(cls, source: str | Path = DEFAULT_MODEL, *, threshold: float | None = None,
-             device: str = "cpu") -> "SpeakerVerifier":
+    def load(
+        cls,
+        source: str | Path = DEFAULT_MODEL,
+        *,
+        threshold: float | None = None,
+        device: str = "cpu",
+    ) -> SpeakerVerifier:
         """Load a registry id, checkpoint or ONNX file; ``threshold`` overrides the model's."""
         embedder, known_threshold = load_embedder(source, device)
         return cls(embedder, known_threshold if threshold is None else threshold, str(source))
 
     # ----------------------------------------------------------------- embeddings
 
-    def features(self, audio: AudioInput, sample_rate: int | None = None,
-                 position: int | None = None) -> torch.Tensor:
+    def features(
+        self, audio: AudioInput, sample_rate: int | None = None, position: int | None = None
+    ) -> torch.Tensor:
         """fbank of one input, checked to be long enough for the model."""
         wav = prepare_waveform(audio, sample_rate, position)
         needed = self.embedder.min_frames
         if num_frames(wav.numel()) < needed:
-            raise AudioError(f"{_describe(audio, position)}: {wav.numel() / SAMPLE_RATE:.3f} s of "
-                             f"audio is too short; the model needs at least "
-                             f"{min_seconds(needed):.3f} s ({needed} frames)")
+            raise AudioError(
+                f"{_describe(audio, position)}: {wav.numel() / SAMPLE_RATE:.3f} s of "
+                f"audio is too short; the model needs at least "
+                f"{min_seconds(needed):.3f} s ({needed} frames)"
+            )
         return fbank(wav, num_mel_bins=self.embedder.feat_dim)
 
-    def embed(self, audio: AudioInput, sample_rate: int | None = None,
-              normalize: bool = False) -> np.ndarray:
+    def embed(
+        self, audio: AudioInput, sample_rate: int | None = None, normalize: bool = False
+    ) -> np.ndarray:
         """Embedding ``(dim,)`` of one recording (unit length when ``normalize``)."""
         return self.embed_many([audio], sample_rate, normalize)[0]
 
-    def embed_many(self, audios: Sequence[AudioInput], sample_rate: int | None = None,
-                   normalize: bool = False) -> np.ndarray:
+    def embed_many(
+        self, audios: Sequence[AudioInput], sample_rate: int | None = None, normalize: bool = False
+    ) -> np.ndarray:
         """Embeddings ``(n, dim)`` of several recordings, batched by equal frame count (so each
         equals its one-at-a-time embedding)."""
         if len(audios) == 0:
             raise ConfigError("no audio given")
-        feats = [self.features(a, sample_rate, i if len(audios) > 1 else None)
-                 for i, a in enumerate(audios)]
+        feats = [
+            self.features(a, sample_rate, i if len(audios) > 1 else None)
+            for i, a in enumerate(audios)
+        ]
         by_length: dict[int, list[int]] = {}
         for index, feat in enumerate(feats):
             by_length.setdefault(feat.shape[0], []).append(index)
         embeddings: list[np.ndarray | None] = [None] * len(feats)
         for indices in by_length.values():
             for start in range(0, len(indices), _BATCH_SIZE):
-                chunk = indices[start:start + _BATCH_SIZE]
+                chunk = indices[start : start + _BATCH_SIZE]
                 out = self.embedder(torch.stack([feats[i] for i in chunk]))
                 for i, vector in zip(chunk, out):
                     embeddings[i] = vector
@@ -186,16 +206,19 @@ class SpeakerVerifier:
         if threshold is not None:
             return float(threshold)
         if self.threshold is None:
-            raise ConfigError(f"no decision threshold is known for {self.source}; pass one "
-                              "(e.g. the EER threshold on your development trials)")
+            raise ConfigError(
+                f"no decision threshold is known for {self.source}; pass one "
+                "(e.g. the EER threshold on your development trials)"
+            )
         return float(self.threshold)
 
     def score(self, enrol: AudioInput, test: AudioInput, sample_rate: int | None = None) -> float:
         """Cosine similarity of two recordings."""
         return self.score_pairs([(enrol, test)], sample_rate)[0]
 
-    def score_pairs(self, pairs: Sequence[tuple[AudioInput, AudioInput]],
-                    sample_rate: int | None = None) -> list[float]:
+    def score_pairs(
+        self, pairs: Sequence[tuple[AudioInput, AudioInput]], sample_rate: int | None = None
+    ) -> list[float]:
         """Cosine similarity of each pair; a file named in several pairs is embedded once."""
         if len(pairs) == 0:
             raise ConfigError("no pairs given")
@@ -216,18 +239,28 @@ class SpeakerVerifier:
         scores = np.sum(matrix[rows_array[:, 0]] * matrix[rows_array[:, 1]], axis=1)
         return [float(s) for s in scores]
 
-    def verify(self, enrol: AudioInput, test: AudioInput, sample_rate: int | None = None,
-               threshold: float | None = None) -> Verification:
+    def verify(
+        self,
+        enrol: AudioInput,
+        test: AudioInput,
+        sample_rate: int | None = None,
+        threshold: float | None = None,
+    ) -> Verification:
         """Score a pair and decide (same speaker when score >= threshold)."""
         return self.verify_pairs([(enrol, test)], sample_rate, threshold)[0]
 
-    def verify_pairs(self, pairs: Sequence[tuple[AudioInput, AudioInput]],
-                     sample_rate: int | None = None,
-                     threshold: float | None = None) -> list[Verification]:
+    def verify_pairs(
+        self,
+        pairs: Sequence[tuple[AudioInput, AudioInput]],
+        sample_rate: int | None = None,
+        threshold: float | None = None,
+    ) -> list[Verification]:
         """:meth:`verify` for many pairs at once."""
         limit = self._threshold(threshold)
-        return [Verification(score, limit, score >= limit)
-                for score in self.score_pairs(pairs, sample_rate)]
+        return [
+            Verification(score, limit, score >= limit)
+            for score in self.score_pairs(pairs, sample_rate)
+        ]
 
 
 @lru_cache(maxsize=4)
@@ -235,8 +268,12 @@ def _cached_verifier(source: str, device: str) -> SpeakerVerifier:
     return SpeakerVerifier.load(source, device=device)
 
 
-def embed(audio: AudioInput | Sequence[AudioInput], model: str | Path = DEFAULT_MODEL,
-          sample_rate: int | None = None, device: str = "cpu") -> np.ndarray:
+def embed(
+    audio: AudioInput | Sequence[AudioInput],
+    model: str | Path = DEFAULT_MODEL,
+    sample_rate: int | None = None,
+    device: str = "cpu",
+) -> np.ndarray:
     """Embedding of one recording ``(dim,)``, or ``(n, dim)`` for a list of recordings."""
     verifier = _cached_verifier(str(model), device)
     if isinstance(audio, (list, tuple)):
@@ -244,8 +281,13 @@ def embed(audio: AudioInput | Sequence[AudioInput], model: str | Path = DEFAULT_
     return verifier.embed(audio, sample_rate)
 
 
-def verify(enrol: AudioInput, test: AudioInput, model: str | Path = DEFAULT_MODEL,
-           threshold: float | None = None, sample_rate: int | None = None,
-           device: str = "cpu") -> Verification:
+def verify(
+    enrol: AudioInput,
+    test: AudioInput,
+    model: str | Path = DEFAULT_MODEL,
+    threshold: float | None = None,
+    sample_rate: int | None = None,
+    device: str = "cpu",
+) -> Verification:
     """Score and decision for one pair with ``model`` (loaded once and cached)."""
     return _cached_verifier(str(model), device).verify(enrol, test, sample_rate, threshold)

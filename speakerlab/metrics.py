@@ -9,8 +9,8 @@ and is normalised by the cost of the best trivial system, min(p_target, 1 - p_ta
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -44,8 +44,10 @@ def error_rates(scores: np.ndarray, labels: np.ndarray) -> ErrorRates:
     num_targets = int(is_target.sum())
     num_nontargets = is_target.size - num_targets
     if num_targets == 0 or num_nontargets == 0:
-        raise ValueError(f"need both target and non-target trials, got {num_targets} targets and "
-                         f"{num_nontargets} non-targets")
+        raise ValueError(
+            f"need both target and non-target trials, got {num_targets} targets and "
+            f"{num_nontargets} non-targets"
+        )
 
     # Equal scores are merged below, so their order does not matter: no stable sort needed.
     order = np.argsort(scores)
@@ -70,7 +72,8 @@ def eer_from_rates(rates: ErrorRates) -> float:
     miss_step = rates.miss[after] - rates.miss[before]
     fa_step = rates.false_alarm[after] - rates.false_alarm[before]
     # Walking back from `after` by a fraction `a` of the segment, miss - fa falls linearly from
-    # gap[after] >= 0 to gap[before] < 0, reaching zero at a = gap[after] / (gap[after] - gap[before]).
+    # gap[after] >= 0 to gap[before] < 0, reaching zero at
+    # a = gap[after] / (gap[after] - gap[before]).
     fraction = gap[after] / (miss_step - fa_step)
     return float(rates.miss[after] - fraction * miss_step)
 
@@ -103,14 +106,18 @@ class Metrics:
     num_nontargets: int
 
 
-def compute_metrics(scores: np.ndarray, labels: np.ndarray,
-                    p_targets: Sequence[float] = DEFAULT_P_TARGETS) -> Metrics:
+def compute_metrics(
+    scores: np.ndarray, labels: np.ndarray, p_targets: Sequence[float] = DEFAULT_P_TARGETS
+) -> Metrics:
     """EER and minDCF at each of ``p_targets`` from a single sort of the scores."""
     rates = error_rates(scores, labels)
     num_targets = int(np.count_nonzero(labels))
-    return Metrics(eer=eer_from_rates(rates),
-                   min_dcf={float(p): min_dcf_from_rates(rates, p) for p in p_targets},
-                   num_targets=num_targets, num_nontargets=int(np.size(labels)) - num_targets)
+    return Metrics(
+        eer=eer_from_rates(rates),
+        min_dcf={float(p): min_dcf_from_rates(rates, p) for p in p_targets},
+        num_targets=num_targets,
+        num_nontargets=int(np.size(labels)) - num_targets,
+    )
 
 
 def det_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

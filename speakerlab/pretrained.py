@@ -34,25 +34,50 @@ class PretrainedModel:
 
 
 PRETRAINED: dict[str, PretrainedModel] = {
-    entry.model_id: entry for entry in (
-        PretrainedModel("iic/speech_eres2net_base_sv_zh-cn_3dspeaker_16k", "eres2net_base_model.ckpt",
-                        "eres2net", {"m_channels": 32, "embedding_size": 512},
-                        description="ERes2Net base trained on 3D-Speaker"),
-        PretrainedModel("iic/speech_eres2net_large_sv_zh-cn_3dspeaker_16k", "eres2net_large_model.ckpt",
-                        "eres2net", {"m_channels": 64, "embedding_size": 512},
-                        description="ERes2Net large trained on 3D-Speaker"),
-        PretrainedModel("iic/speech_ecapa-tdnn_sv_zh-cn_3dspeaker_16k", "ecapa-tdnn.ckpt",
-                        "ecapa_tdnn", {"channels": [1024, 1024, 1024, 1024, 3072], "embedding_size": 192},
-                        description="ECAPA-TDNN (C=1024) trained on 3D-Speaker"),
-        PretrainedModel("iic/speech_campplus_sv_zh-cn_16k-common", "campplus_cn_common.bin",
-                        "campplus", {"embedding_size": 192},
-                        description="CAM++ trained on 200k Chinese speakers"),
-        PretrainedModel("iic/speech_eres2net_sv_en_voxceleb_16k", "pretrained_eres2net.ckpt",
-                        "eres2net", {"m_channels": 32, "embedding_size": 192},
-                        description="ERes2Net base trained on VoxCeleb"),
-        PretrainedModel("iic/speech_eres2netv2_sv_zh-cn_16k-common", "pretrained_eres2netv2.ckpt",
-                        "eres2netv2", {"embedding_size": 192},
-                        description="ERes2NetV2 trained on 200k Chinese speakers"),
+    entry.model_id: entry
+    for entry in (
+        PretrainedModel(
+            "iic/speech_eres2net_base_sv_zh-cn_3dspeaker_16k",
+            "eres2net_base_model.ckpt",
+            "eres2net",
+            {"m_channels": 32, "embedding_size": 512},
+            description="ERes2Net base trained on 3D-Speaker",
+        ),
+        PretrainedModel(
+            "iic/speech_eres2net_large_sv_zh-cn_3dspeaker_16k",
+            "eres2net_large_model.ckpt",
+            "eres2net",
+            {"m_channels": 64, "embedding_size": 512},
+            description="ERes2Net large trained on 3D-Speaker",
+        ),
+        PretrainedModel(
+            "iic/speech_ecapa-tdnn_sv_zh-cn_3dspeaker_16k",
+            "ecapa-tdnn.ckpt",
+            "ecapa_tdnn",
+            {"channels": [1024, 1024, 1024, 1024, 3072], "embedding_size": 192},
+            description="ECAPA-TDNN (C=1024) trained on 3D-Speaker",
+        ),
+        PretrainedModel(
+            "iic/speech_campplus_sv_zh-cn_16k-common",
+            "campplus_cn_common.bin",
+            "campplus",
+            {"embedding_size": 192},
+            description="CAM++ trained on 200k Chinese speakers",
+        ),
+        PretrainedModel(
+            "iic/speech_eres2net_sv_en_voxceleb_16k",
+            "pretrained_eres2net.ckpt",
+            "eres2net",
+            {"m_channels": 32, "embedding_size": 192},
+            description="ERes2Net base trained on VoxCeleb",
+        ),
+        PretrainedModel(
+            "iic/speech_eres2netv2_sv_zh-cn_16k-common",
+            "pretrained_eres2netv2.ckpt",
+            "eres2netv2",
+            {"embedding_size": 192},
+            description="ERes2NetV2 trained on 200k Chinese speakers",
+        ),
     )
 }
 
@@ -69,7 +94,7 @@ class LoadedModel:
 
 
 def download_pretrained(model_id: str, cache_dir: str | Path | None = None) -> Path:
-    """Local path of the checkpoint file of the registry entry ``model_id`` (downloaded if needed)."""
+    """Local path of the checkpoint file of registry entry ``model_id`` (downloaded if needed)."""
     entry = _entry(model_id)
     try:
         from modelscope.hub.snapshot_download import snapshot_download
@@ -77,15 +102,22 @@ def download_pretrained(model_id: str, cache_dir: str | Path | None = None) -> P
         raise CheckpointError(
             f"{model_id}: fetching released models needs the 'modelscope' package "
             f"(pip install modelscope) and access to modelscope.cn; alternatively download "
-            f"{entry.file_name} from that model page yourself and pass its path") from None
+            f"{entry.file_name} from that model page yourself and pass its path"
+        ) from None
     try:
-        folder = snapshot_download(model_id, cache_dir=None if cache_dir is None else str(cache_dir))
+        folder = snapshot_download(
+            model_id, cache_dir=None if cache_dir is None else str(cache_dir)
+        )
     except Exception as err:
-        raise CheckpointError(f"{model_id}: download failed ({err}); download {entry.file_name} "
-                              "yourself and pass its path") from None
+        raise CheckpointError(
+            f"{model_id}: download failed ({err}); download {entry.file_name} "
+            "yourself and pass its path"
+        ) from None
     path = Path(folder) / entry.file_name
     if not path.is_file():
-        raise CheckpointError(f"{model_id}: {entry.file_name} not found in the snapshot at {folder}")
+        raise CheckpointError(
+            f"{model_id}: {entry.file_name} not found in the snapshot at {folder}"
+        )
     return path
 
 
@@ -96,21 +128,30 @@ def load_model(source: str | Path, cache_dir: str | Path | None = None) -> Loade
         entry = PRETRAINED[source_str]
         path = download_pretrained(source_str, cache_dir)
         model = load_embedding_model(path, entry.model_name, **entry.model_kwargs)
-        return LoadedModel(model, entry.model_name, dict(entry.model_kwargs), entry.threshold, source_str)
+        return LoadedModel(
+            model, entry.model_name, dict(entry.model_kwargs), entry.threshold, source_str
+        )
     path = Path(source)
     if not path.is_file():
-        raise CheckpointError(f"{source_str!r} is neither a checkpoint file nor a known model id; "
-                              f"known ids: {', '.join(PRETRAINED)}")
+        raise CheckpointError(
+            f"{source_str!r} is neither a checkpoint file nor a known model id; "
+            f"known ids: {', '.join(PRETRAINED)}"
+        )
     model, name, kwargs = load_embedding_model_spec(path)
     return LoadedModel(model, name, kwargs, released_threshold(path.name, name, kwargs), source_str)
 
 
-def released_threshold(file_name: str, model_name: str, model_kwargs: dict[str, Any]) -> float | None:
+def released_threshold(
+    file_name: str, model_name: str, model_kwargs: dict[str, Any]
+) -> float | None:
     """The threshold of the released checkpoint that a local file is, recognised by its file name
     and architecture (a file downloaded by hand keeps its name); None for any other file."""
     for entry in PRETRAINED.values():
-        if (entry.file_name == file_name and entry.model_name == model_name
-                and all(model_kwargs.get(key) == value for key, value in entry.model_kwargs.items())):
+        if (
+            entry.file_name == file_name
+            and entry.model_name == model_name
+            and all(model_kwargs.get(key) == value for key, value in entry.model_kwargs.items())
+        ):
             return entry.threshold
     return None
 

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import kaldiio
 import numpy as np
 
 from speakerlab.data.kaldi_dir import read_utt2spk, spk2utt_from_utt2spk
 from speakerlab.errors import DataError
-from speakerlab.metrics import DEFAULT_P_TARGETS, ErrorRates, eer_from_rates, error_rates, \
-    min_dcf_from_rates
+from speakerlab.metrics import (
+    DEFAULT_P_TARGETS,
+    ErrorRates,
+    eer_from_rates,
+    error_rates,
+    min_dcf_from_rates,
+)
 
 TARGET_LABELS: dict[str, int] = {"target": 1, "nontarget": 0, "1": 1, "0": 0}
 _LABEL_NAMES = ("nontarget", "target")
@@ -33,6 +38,7 @@ DEFAULT_TOP_K = 300
 
 
 # --------------------------------------------------------------------------- trial lists
+
 
 @dataclass
 class Trials:
@@ -94,8 +100,10 @@ def read_trials(path: str | Path) -> Trials:
     bad = np.flatnonzero((fields != 3) & (fields != 0))
     if bad.size:
         line = text.split("\n")[bad[0]]
-        raise DataError(f"{path}:{bad[0] + 1}: expected 3 fields 'enrol test label', got "
-                        f"{fields[bad[0]]}: {line.strip()!r}")
+        raise DataError(
+            f"{path}:{bad[0] + 1}: expected 3 fields 'enrol test label', got "
+            f"{fields[bad[0]]}: {line.strip()!r}"
+        )
     line_numbers = np.flatnonzero(fields) + 1
     if line_numbers.size == 0:
         raise DataError(f"{path}: trial list is empty")
@@ -106,14 +114,18 @@ def read_trials(path: str | Path) -> Trials:
     unknown = set(label_words) - TARGET_LABELS.keys()
     if unknown:
         first = next(i for i, word in enumerate(label_words) if word in unknown)
-        raise DataError(f"{path}:{line_numbers[first]}: label must be target/nontarget or 1/0, "
-                        f"got {label_words[first]!r}")
-    labels = np.fromiter(map(TARGET_LABELS.__getitem__, label_words), dtype=np.int8,
-                         count=len(label_words))
+        raise DataError(
+            f"{path}:{line_numbers[first]}: label must be target/nontarget or 1/0, "
+            f"got {label_words[first]!r}"
+        )
+    labels = np.fromiter(
+        map(TARGET_LABELS.__getitem__, label_words), dtype=np.int8, count=len(label_words)
+    )
     return Trials(path=path, enrol=enrol, test=test, labels=labels, line_numbers=line_numbers)
 
 
 # --------------------------------------------------------------------------- embeddings
+
 
 @dataclass
 class EmbeddingTable:
@@ -131,8 +143,9 @@ class EmbeddingTable:
         return np.fromiter(map(self.index.__getitem__, ids), dtype=np.int64, count=len(ids))
 
 
-def l2_normalise(matrix: np.ndarray, what: str = "embeddings",
-                 keys: Sequence[str] | None = None) -> np.ndarray:
+def l2_normalise(
+    matrix: np.ndarray, what: str = "embeddings", keys: Sequence[str] | None = None
+) -> np.ndarray:
     """Rows scaled to unit length; a zero or non-finite row is an error naming its key."""
     matrix = np.asarray(matrix, dtype=np.float32)
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
@@ -159,22 +172,27 @@ def load_embeddings(scp_paths: str | Path | Sequence[str | Path]) -> EmbeddingTa
         try:
             for key, vector in kaldiio.load_scp_sequential(str(scp)):
                 if key in origin:
-                    raise DataError(f"{scp}: utterance {key!r} already has an embedding in "
-                                    f"{origin[key]}")
+                    raise DataError(
+                        f"{scp}: utterance {key!r} already has an embedding in {origin[key]}"
+                    )
                 origin[key] = scp
                 keys.append(key)
                 vectors.append(np.asarray(vector, dtype=np.float32).ravel())
         except DataError:
             raise
         except Exception as err:  # kaldiio raises many types for broken ark/scp files
-            raise DataError(f"{scp}: cannot read embeddings ({type(err).__name__}: {err})") from None
+            raise DataError(
+                f"{scp}: cannot read embeddings ({type(err).__name__}: {err})"
+            ) from None
     if not keys:
         raise DataError(f"{', '.join(map(str, scp_paths))}: no embeddings")
     dim = vectors[0].size
     odd = next((i for i, vector in enumerate(vectors) if vector.size != dim), None)
     if odd is not None:
-        raise DataError(f"{origin[keys[odd]]}: embedding of {keys[odd]!r} has "
-                        f"{vectors[odd].size} dimensions, but {keys[0]!r} has {dim}")
+        raise DataError(
+            f"{origin[keys[odd]]}: embedding of {keys[odd]!r} has "
+            f"{vectors[odd].size} dimensions, but {keys[0]!r} has {dim}"
+        )
     matrix = l2_normalise(np.stack(vectors), "embeddings", keys)
     return EmbeddingTable(keys=keys, matrix=matrix)
 
@@ -190,15 +208,19 @@ def trial_rows(table: EmbeddingTable, trials: Trials) -> tuple[np.ndarray, np.nd
             rows.append(table.rows(ids))
         except KeyError:
             first = next(i for i, utt in enumerate(ids) if utt not in table.index)
-            raise DataError(f"{trials.path}:{trials.line_numbers[first]}: {side} utterance "
-                            f"{ids[first]!r} has no embedding") from None
+            raise DataError(
+                f"{trials.path}:{trials.line_numbers[first]}: {side} utterance "
+                f"{ids[first]!r} has no embedding"
+            ) from None
     return rows[0], rows[1]
 
 
 # --------------------------------------------------------------------------- scoring
 
-def _dot_rows_into(scores: np.ndarray, matrix: np.ndarray, enrol_rows: np.ndarray,
-                   test_rows: np.ndarray) -> None:
+
+def _dot_rows_into(
+    scores: np.ndarray, matrix: np.ndarray, enrol_rows: np.ndarray, test_rows: np.ndarray
+) -> None:
     """``scores[i] = matrix[enrol_rows[i]] . matrix[test_rows[i]]``, one cache-sized chunk at
     a time (numpy releases the GIL here, so several of these run in parallel threads)."""
     dim = matrix.shape[1]
@@ -217,10 +239,14 @@ def cosine_scores(matrix: np.ndarray, enrol_rows: np.ndarray, test_rows: np.ndar
     are unit length), split over one thread per CPU core for long lists."""
     num_trials = len(enrol_rows)
     scores = np.empty(num_trials, dtype=np.float32)
-    num_threads = min(_MAX_THREADS, os.cpu_count() or 1, max(1, num_trials // _MIN_TRIALS_PER_THREAD))
+    num_threads = min(
+        _MAX_THREADS, os.cpu_count() or 1, max(1, num_trials // _MIN_TRIALS_PER_THREAD)
+    )
     bounds = np.linspace(0, num_trials, num_threads + 1).astype(int)
-    blocks = [(scores[a:b], matrix, enrol_rows[a:b], test_rows[a:b])
-              for a, b in zip(bounds[:-1], bounds[1:])]
+    blocks = [
+        (scores[a:b], matrix, enrol_rows[a:b], test_rows[a:b])
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
     if num_threads == 1:
         _dot_rows_into(*blocks[0])
     else:
@@ -231,8 +257,10 @@ def cosine_scores(matrix: np.ndarray, enrol_rows: np.ndarray, test_rows: np.ndar
 
 # --------------------------------------------------------------------------- AS-Norm
 
-def load_cohort(scp_paths: str | Path | Sequence[str | Path],
-                utt2spk: str | Path | None = None) -> np.ndarray:
+
+def load_cohort(
+    scp_paths: str | Path | Sequence[str | Path], utt2spk: str | Path | None = None
+) -> np.ndarray:
     """Normalised cohort embeddings; with ``utt2spk``, one mean embedding per speaker
     (the mean of its normalised utterance embeddings, normalised again)."""
     table = load_embeddings(scp_paths)
@@ -240,7 +268,7 @@ def load_cohort(scp_paths: str | Path | Sequence[str | Path],
         return table.matrix
     speakers = spk2utt_from_utt2spk(read_utt2spk(utt2spk))
     means = []
-    for spk, utts in speakers.items():
+    for utts in speakers.values():
         rows = [table.index[u] for u in utts if u in table.index]
         if rows:
             means.append(table.matrix[rows].mean(axis=0))
@@ -249,8 +277,9 @@ def load_cohort(scp_paths: str | Path | Sequence[str | Path],
     return l2_normalise(np.stack(means), "cohort speaker means")
 
 
-def cohort_statistics(embeddings: np.ndarray, cohort: np.ndarray,
-                      top_k: int = DEFAULT_TOP_K) -> tuple[np.ndarray, np.ndarray]:
+def cohort_statistics(
+    embeddings: np.ndarray, cohort: np.ndarray, top_k: int = DEFAULT_TOP_K
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean and (population) standard deviation of each embedding's ``top_k`` highest cosine
     scores against the cohort (all of it when the cohort is smaller)."""
     if top_k < 1:
@@ -259,29 +288,37 @@ def cohort_statistics(embeddings: np.ndarray, cohort: np.ndarray,
     means = np.empty(len(embeddings), dtype=np.float64)
     stds = np.empty(len(embeddings), dtype=np.float64)
     for start in range(0, len(embeddings), _COHORT_CHUNK):
-        block = embeddings[start:start + _COHORT_CHUNK] @ cohort.T
+        block = embeddings[start : start + _COHORT_CHUNK] @ cohort.T
         top = np.partition(block, block.shape[1] - k, axis=1)[:, -k:].astype(np.float64)
-        means[start:start + len(block)] = top.mean(axis=1)
-        stds[start:start + len(block)] = top.std(axis=1)
+        means[start : start + len(block)] = top.mean(axis=1)
+        stds[start : start + len(block)] = top.std(axis=1)
     return means, stds
 
 
-def as_norm(scores: np.ndarray, enrol_rows: np.ndarray, test_rows: np.ndarray,
-            matrix: np.ndarray, cohort: np.ndarray, top_k: int = DEFAULT_TOP_K) -> np.ndarray:
+def as_norm(
+    scores: np.ndarray,
+    enrol_rows: np.ndarray,
+    test_rows: np.ndarray,
+    matrix: np.ndarray,
+    cohort: np.ndarray,
+    top_k: int = DEFAULT_TOP_K,
+) -> np.ndarray:
     """Adaptive symmetric score normalisation (AS-Norm):
     ``0.5 * ((s - mu_e) / sd_e + (s - mu_t) / sd_t)`` with each side's statistics taken over its
     ``top_k`` closest cohort embeddings. Statistics are computed once per distinct utterance."""
     used, inverse = np.unique(np.concatenate([enrol_rows, test_rows]), return_inverse=True)
     means, stds = cohort_statistics(matrix[used], cohort, top_k)
     stds = np.maximum(stds, 1e-8)  # a cohort of identical scores would divide by zero
-    enrol_idx, test_idx = inverse[:len(enrol_rows)], inverse[len(enrol_rows):]
+    enrol_idx, test_idx = inverse[: len(enrol_rows)], inverse[len(enrol_rows) :]
     scores = scores.astype(np.float64)
-    normed = 0.5 * ((scores - means[enrol_idx]) / stds[enrol_idx]
-                    + (scores - means[test_idx]) / stds[test_idx])
+    normed = 0.5 * (
+        (scores - means[enrol_idx]) / stds[enrol_idx] + (scores - means[test_idx]) / stds[test_idx]
+    )
     return normed.astype(np.float32)
 
 
 # --------------------------------------------------------------------------- outputs
+
 
 def write_scores(path: str | Path, trials: Trials, scores: np.ndarray) -> Path:
     """Write ``enrol test label score`` lines (label as target/nontarget), atomically."""
@@ -308,11 +345,15 @@ class TrialResult:
     score_file: str | None = None
 
     def to_json(self) -> dict:
-        return {"trials": self.name, "num_trials": self.num_trials,
-                "num_targets": self.num_targets, "eer": self.eer,
-                "eer_percent": 100.0 * self.eer,
-                "min_dcf": {f"{p:g}": value for p, value in self.min_dcf.items()},
-                "score_file": self.score_file}
+        return {
+            "trials": self.name,
+            "num_trials": self.num_trials,
+            "num_targets": self.num_targets,
+            "eer": self.eer,
+            "eer_percent": 100.0 * self.eer,
+            "min_dcf": {f"{p:g}": value for p, value in self.min_dcf.items()},
+            "score_file": self.score_file,
+        }
 
 
 def results_markdown(results: Sequence[TrialResult], title: str | None = None) -> str:
@@ -329,9 +370,12 @@ def results_markdown(results: Sequence[TrialResult], title: str | None = None) -
     return "\n".join(lines) + "\n"
 
 
-def write_results(results: Sequence[TrialResult], out_dir: str | Path,
-                  settings: Mapping[str, object] | None = None,
-                  stem: str = "results") -> tuple[Path, Path]:
+def write_results(
+    results: Sequence[TrialResult],
+    out_dir: str | Path,
+    settings: Mapping[str, object] | None = None,
+    stem: str = "results",
+) -> tuple[Path, Path]:
     """Write ``<stem>.md`` and ``<stem>.json`` (every list a row; ``settings`` describe how the
     scores were made, e.g. the normalisation)."""
     out_dir = Path(out_dir)
@@ -376,7 +420,7 @@ def plot_det(curves: Mapping[str, ErrorRates], path: str | Path, title: str | No
     for name, rates in curves.items():
         x, y = _thin_curve(_probit(rates.false_alarm), _probit(rates.miss))
         eer = eer_from_rates(rates)
-        line, = axes.plot(x, y, linewidth=1.5, label=f"{name} (EER {100 * eer:.2f}%)")
+        (line,) = axes.plot(x, y, linewidth=1.5, label=f"{name} (EER {100 * eer:.2f}%)")
         axes.plot(_probit(np.array([eer])), _probit(np.array([eer])), "o", color=line.get_color())
     limits = _probit(np.array([0.0005, upper]))
     axes.plot(limits, limits, ":", color="grey", linewidth=0.8)
@@ -400,6 +444,7 @@ def plot_det(curves: Mapping[str, ErrorRates], path: str | Path, title: str | No
 
 # --------------------------------------------------------------------------- whole run
 
+
 @dataclass
 class ScoringSetup:
     """How to score: optional AS-Norm cohort, the p_target values and which outputs to write."""
@@ -410,8 +455,9 @@ class ScoringSetup:
     det_plot: bool = True
 
 
-def score_trial_list(table: EmbeddingTable, trials: Trials,
-                     setup: ScoringSetup) -> tuple[np.ndarray, ErrorRates]:
+def score_trial_list(
+    table: EmbeddingTable, trials: Trials, setup: ScoringSetup
+) -> tuple[np.ndarray, ErrorRates]:
     """Scores of one list (AS-normalised when a cohort is given) and its error rates."""
     enrol_rows, test_rows = trial_rows(table, trials)
     scores = cosine_scores(table.matrix, enrol_rows, test_rows)
@@ -424,9 +470,12 @@ def score_trial_list(table: EmbeddingTable, trials: Trials,
     return scores, rates
 
 
-def score_trials(embedding_scps: str | Path | Sequence[str | Path],
-                 trial_paths: Sequence[str | Path], out_dir: str | Path,
-                 setup: ScoringSetup | None = None) -> list[TrialResult]:
+def score_trials(
+    embedding_scps: str | Path | Sequence[str | Path],
+    trial_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    setup: ScoringSetup | None = None,
+) -> list[TrialResult]:
     """Score every trial list against the embeddings and write, under ``out_dir``:
     ``<list>.score`` files, ``results.md``/``results.json`` and ``det.png``."""
     setup = setup or ScoringSetup()
@@ -442,18 +491,25 @@ def score_trials(embedding_scps: str | Path | Sequence[str | Path],
     for trials in trial_lists:
         scores, rates = score_trial_list(table, trials, setup)
         score_file = write_scores(out_dir / f"{trials.name}.score", trials, scores)
-        results.append(TrialResult(
-            name=trials.name, num_trials=len(trials), num_targets=int(trials.labels.sum()),
-            eer=eer_from_rates(rates),
-            min_dcf={float(p): min_dcf_from_rates(rates, p) for p in setup.p_targets},
-            score_file=str(score_file)))
+        results.append(
+            TrialResult(
+                name=trials.name,
+                num_trials=len(trials),
+                num_targets=int(trials.labels.sum()),
+                eer=eer_from_rates(rates),
+                min_dcf={float(p): min_dcf_from_rates(rates, p) for p in setup.p_targets},
+                score_file=str(score_file),
+            )
+        )
         curves[trials.name] = rates
 
     if isinstance(embedding_scps, (str, Path)):
         embedding_scps = [embedding_scps]
-    settings = {"embeddings": [str(p) for p in embedding_scps],
-                "normalisation": "as-norm" if setup.cohort is not None else "none",
-                "p_targets": [float(p) for p in setup.p_targets]}
+    settings = {
+        "embeddings": [str(p) for p in embedding_scps],
+        "normalisation": "as-norm" if setup.cohort is not None else "none",
+        "p_targets": [float(p) for p in setup.p_targets],
+    }
     if setup.cohort is not None:
         settings.update(top_k=setup.top_k, cohort_size=int(setup.cohort.shape[0]))
     write_results(results, out_dir, settings)

@@ -11,23 +11,30 @@ from local.prepare_3dspeaker import prepare_3dspeaker
 from local.simulate_mini_corpus import SimulationConfig, simulate_corpus
 
 # Small enough to build in a few seconds, big enough for trials of every kind.
-MINI_CONFIG = SimulationConfig(num_train_speakers=12, num_test_speakers=6, utts_per_speaker=8,
-                               min_seconds=2.0, max_seconds=4.5, num_noises=5, num_rirs=4,
-                               seed=7)
+MINI_CONFIG = SimulationConfig(
+    num_train_speakers=12,
+    num_test_speakers=6,
+    utts_per_speaker=8,
+    min_seconds=2.0,
+    max_seconds=4.5,
+    num_noises=5,
+    num_rirs=4,
+    seed=7,
+)
 
 
 @dataclass(frozen=True)
 class MiniData:
     """Paths of the simulated corpus and of its prepared lists (names other tests rely on)."""
 
-    root: Path          # corpus root: train/, test/, files/
-    data_root: Path     # prepared data: 3dspeaker/, musan/, rirs/
-    train_dir: Path     # Kaldi dir: wav.scp, utt2spk, spk2utt, utt2info
+    root: Path  # corpus root: train/, test/, files/
+    data_root: Path  # prepared data: 3dspeaker/, musan/, rirs/
+    train_dir: Path  # Kaldi dir: wav.scp, utt2spk, spk2utt, utt2info
     test_dir: Path
-    trials_dir: Path    # trials_cross_device, trials_cross_distance, trials_cross_dialect
-    noise_list: Path    # data_root/musan/wav.scp
-    rir_list: Path      # data_root/rirs/wav.scp
-    musan_dir: Path     # raw MUSAN-like and RIRS_NOISES-like sets
+    trials_dir: Path  # trials_cross_device, trials_cross_distance, trials_cross_dialect
+    noise_list: Path  # data_root/musan/wav.scp
+    rir_list: Path  # data_root/rirs/wav.scp
+    musan_dir: Path  # raw MUSAN-like and RIRS_NOISES-like sets
     rirs_dir: Path
     config: SimulationConfig
 
@@ -40,8 +47,15 @@ def mini_data(tmp_path_factory: pytest.TempPathFactory) -> MiniData:
     data_root = base / "data"
     prepare_3dspeaker(corpus.corpus_dir, data_root, corpus.musan_dir, corpus.rirs_dir)
     prepared = data_root / "3dspeaker"
-    return MiniData(root=corpus.corpus_dir, data_root=data_root, train_dir=prepared / "train",
-                    test_dir=prepared / "test", trials_dir=prepared / "trials",
-                    noise_list=data_root / "musan" / "wav.scp",
-                    rir_list=data_root / "rirs" / "wav.scp", musan_dir=corpus.musan_dir,
-                    rirs_dir=corpus.rirs_dir, config=MINI_CONFIG)
+    return MiniData(
+        root=corpus.corpus_dir,
+        data_root=data_root,
+        train_dir=prepared / "train",
+        test_dir=prepared / "test",
+        trials_dir=prepared / "trials",
+        noise_list=data_root / "musan" / "wav.scp",
+        rir_list=data_root / "rirs" / "wav.scp",
+        musan_dir=corpus.musan_dir,
+        rirs_dir=corpus.rirs_dir,
+        config=MINI_CONFIG,
+    )

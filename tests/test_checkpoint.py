@@ -11,8 +11,12 @@ import torch
 
 from speakerlab.errors import CheckpointError
 from speakerlab.models import build_model, count_parameters
-from speakerlab.models.checkpoint import (infer_architecture, load_embedding_model,
-                                          read_model_state, save_embedding_model)
+from speakerlab.models.checkpoint import (
+    infer_architecture,
+    load_embedding_model,
+    read_model_state,
+    save_embedding_model,
+)
 from speakerlab.pretrained import PRETRAINED, load_model
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
@@ -20,10 +24,20 @@ REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 SMALL = {
     "eres2net": {"feat_dim": 80, "embedding_size": 32, "m_channels": 8},
     "eres2netv2": {"feat_dim": 80, "embedding_size": 32, "m_channels": 8},
-    "campplus": {"feat_dim": 80, "embedding_size": 32, "growth_rate": 8, "bn_size": 2,
-                 "init_channels": 16},
-    "ecapa_tdnn": {"feat_dim": 80, "embedding_size": 32, "channels": [64, 64, 64, 64, 192],
-                   "attention_channels": 16, "se_channels": 16},
+    "campplus": {
+        "feat_dim": 80,
+        "embedding_size": 32,
+        "growth_rate": 8,
+        "bn_size": 2,
+        "init_channels": 16,
+    },
+    "ecapa_tdnn": {
+        "feat_dim": 80,
+        "embedding_size": 32,
+        "channels": [64, 64, 64, 64, 192],
+        "attention_channels": 16,
+        "se_channels": 16,
+    },
 }
 
 
@@ -69,9 +83,15 @@ def test_ddp_prefixed_state_dict(tmp_path):
 
 def test_training_checkpoint_records_architecture(tmp_path):
     ref = reference("eres2net")
-    checkpoint = {"model": ref["state_dict"], "model_name": "eres2net",
-                  "model_kwargs": SMALL["eres2net"], "classifier": {"weight": torch.zeros(3, 32)},
-                  "optimizer": {"state": {}, "param_groups": []}, "epoch": 3, "step": 120}
+    checkpoint = {
+        "model": ref["state_dict"],
+        "model_name": "eres2net",
+        "model_kwargs": SMALL["eres2net"],
+        "classifier": {"weight": torch.zeros(3, 32)},
+        "optimizer": {"state": {}, "param_groups": []},
+        "epoch": 3,
+        "step": 120,
+    }
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
     _, name, kwargs = read_model_state(tmp_path / "checkpoint.pt")
     assert name == "eres2net" and kwargs == SMALL["eres2net"]
@@ -115,8 +135,11 @@ def test_wrong_architecture_lists_missing_and_unexpected_keys(tmp_path):
         load_embedding_model(tmp_path / "eres2net.ckpt", "campplus", **SMALL["campplus"])
     message = str(err.value)
     # num_batches_tracked counters are never reported missing: they are taken from the model
-    expected = [k for k in build_model("campplus", **SMALL["campplus"]).state_dict()
-                if not k.endswith("num_batches_tracked")]
+    expected = [
+        k
+        for k in build_model("campplus", **SMALL["campplus"]).state_dict()
+        if not k.endswith("num_batches_tracked")
+    ]
     assert message.startswith(f"{tmp_path / 'eres2net.ckpt'}: weights do not fit CAMPPlus")
     assert f"missing ({len(expected)}): head.conv1.weight," in message
     assert f"unexpected ({len(state)}): conv1.weight," in message
@@ -125,9 +148,14 @@ def test_wrong_architecture_lists_missing_and_unexpected_keys(tmp_path):
 
 def test_wrong_width_lists_shape_mismatches(tmp_path):
     torch.save(reference("eres2net")["state_dict"], tmp_path / "eres2net.ckpt")
-    with pytest.raises(CheckpointError, match=r"shape mismatch \(\d+\): conv1.weight: checkpoint "
-                                              r"\(8, 1, 3, 3\) vs model \(16, 1, 3, 3\)"):
-        load_embedding_model(tmp_path / "eres2net.ckpt", "eres2net", m_channels=16, embedding_size=32)
+    with pytest.raises(
+        CheckpointError,
+        match=r"shape mismatch \(\d+\): conv1.weight: checkpoint "
+        r"\(8, 1, 3, 3\) vs model \(16, 1, 3, 3\)",
+    ):
+        load_embedding_model(
+            tmp_path / "eres2net.ckpt", "eres2net", m_channels=16, embedding_size=32
+        )
 
 
 class _Payload:
@@ -135,7 +163,9 @@ class _Payload:
 
 
 def test_checkpoint_with_code_is_refused(tmp_path):
-    torch.save({"model": reference("eres2net")["state_dict"], "hook": _Payload()}, tmp_path / "evil.pt")
+    torch.save(
+        {"model": reference("eres2net")["state_dict"], "hook": _Payload()}, tmp_path / "evil.pt"
+    )
     with pytest.raises(CheckpointError, match="refused to load"):
         load_embedding_model(tmp_path / "evil.pt")
 
@@ -171,12 +201,14 @@ def test_load_model_from_local_file_and_registry_errors(tmp_path, monkeypatch):
 
 def test_registry_entries_build_the_published_sizes():
     manifests = json.loads((REFERENCE / "full_size_state_dicts.json").read_text())
-    expected = {"iic/speech_eres2net_base_sv_zh-cn_3dspeaker_16k": "eres2net_base_emb512",
-                "iic/speech_eres2net_large_sv_zh-cn_3dspeaker_16k": "eres2net_large_emb512",
-                "iic/speech_ecapa-tdnn_sv_zh-cn_3dspeaker_16k": "ecapa_tdnn_c1024_emb192",
-                "iic/speech_campplus_sv_zh-cn_16k-common": "campplus_emb192",
-                "iic/speech_eres2net_sv_en_voxceleb_16k": "eres2net_base_emb192",
-                "iic/speech_eres2netv2_sv_zh-cn_16k-common": "eres2netv2_emb192"}
+    expected = {
+        "iic/speech_eres2net_base_sv_zh-cn_3dspeaker_16k": "eres2net_base_emb512",
+        "iic/speech_eres2net_large_sv_zh-cn_3dspeaker_16k": "eres2net_large_emb512",
+        "iic/speech_ecapa-tdnn_sv_zh-cn_3dspeaker_16k": "ecapa_tdnn_c1024_emb192",
+        "iic/speech_campplus_sv_zh-cn_16k-common": "campplus_emb192",
+        "iic/speech_eres2net_sv_en_voxceleb_16k": "eres2net_base_emb192",
+        "iic/speech_eres2netv2_sv_zh-cn_16k-common": "eres2netv2_emb192",
+    }
     assert set(PRETRAINED) == set(expected)
     for model_id, manifest in expected.items():
         entry = PRETRAINED[model_id]

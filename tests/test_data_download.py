@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from local.download_3dspeaker import (Archive, Remote, download, download_3dspeaker, manifest)
+from local.download_3dspeaker import Archive, Remote, download, download_3dspeaker, manifest
 from speakerlab.errors import DataError
 
 
@@ -54,7 +54,7 @@ class RangeServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "RangeServer":
+    def __enter__(self) -> RangeServer:
         self.thread.start()
         return self
 
@@ -110,8 +110,9 @@ def test_wrong_md5_is_an_error_and_the_file_is_removed(tmp_path):
     (served / "musan.tar.gz").write_bytes(b"not what was published")
     with RangeServer(served) as server:
         with pytest.raises(DataError, match=r"musan\.tar\.gz: md5 .* differs from the published"):
-            download(Remote("musan.tar.gz", server.url + "musan.tar.gz", "0" * 32),
-                     tmp_path / "download")
+            download(
+                Remote("musan.tar.gz", server.url + "musan.tar.gz", "0" * 32), tmp_path / "download"
+            )
     assert not (tmp_path / "download" / "musan.tar.gz").exists()
 
 
@@ -126,45 +127,71 @@ def test_file_urls_work_offline(tmp_path):
     source = tmp_path / "mirror" / "rirs_noises.zip"
     source.parent.mkdir()
     source.write_bytes(b"zip bytes" * 100)
-    path = download(Remote("rirs_noises.zip", source.as_uri(), md5(source.read_bytes())),
-                    tmp_path / "download")
+    path = download(
+        Remote("rirs_noises.zip", source.as_uri(), md5(source.read_bytes())), tmp_path / "download"
+    )
     assert path.read_bytes() == source.read_bytes()
 
 
 def test_parts_are_joined_verified_and_everything_unpacked_once(tmp_path):
     served = tmp_path / "served"
     served.mkdir()
-    train = make_tar({"train/3D_SPK_00001/3D_SPK_00001_001_Device01_Distance00_Dialect00.wav":
-                      b"RIFF fake"})
+    train = make_tar(
+        {"train/3D_SPK_00001/3D_SPK_00001_001_Device01_Distance00_Dialect00.wav": b"RIFF fake"}
+    )
     for letter, start in zip("abc", range(0, len(train), -(-len(train) // 3))):
-        (served / f"train.tar.gz-part-{letter}").write_bytes(train[start:start + -(-len(train) // 3)])
+        (served / f"train.tar.gz-part-{letter}").write_bytes(
+            train[start : start + -(-len(train) // 3)]
+        )
     # The metadata archive nests its files one folder deeper than the corpus wants them.
-    files = make_tar({"3dspeaker_files/train_wav.scp": b"u train/x.wav\n",
-                      "3dspeaker_files/trials_cross_device": b"a b target\n"})
+    files = make_tar(
+        {
+            "3dspeaker_files/train_wav.scp": b"u train/x.wav\n",
+            "3dspeaker_files/trials_cross_device": b"a b target\n",
+        }
+    )
     (served / "3dspeaker_files.tar.gz").write_bytes(files)
     zipped = io.BytesIO()
     with zipfile.ZipFile(zipped, "w") as zf:
         zf.writestr("RIRS_NOISES/real_rirs_isotropic_noises/rir_list", "--rir-id a\n")
     (served / "rirs_noises.zip").write_bytes(zipped.getvalue())
     with RangeServer(served) as server:
+
         def remote(name: str, data: bytes | None) -> Remote:
             return Remote(name, server.url + name, None if data is None else md5(data))
-        parts = tuple(remote(f"train.tar.gz-part-{letter}",
-                             (served / f"train.tar.gz-part-{letter}").read_bytes())
-                      for letter in "abc")
+
+        parts = tuple(
+            remote(
+                f"train.tar.gz-part-{letter}", (served / f"train.tar.gz-part-{letter}").read_bytes()
+            )
+            for letter in "abc"
+        )
         archives = {
             "train": Archive("train.tar.gz", None, parts, md5(train), "3dspeaker"),
-            "files": Archive("3dspeaker_files.tar.gz", remote("3dspeaker_files.tar.gz", None), (),
-                             None, "3dspeaker/files", flatten_to="train_wav.scp"),
-            "rirs": Archive("rirs_noises.zip", remote("rirs_noises.zip", zipped.getvalue()), (),
-                            md5(zipped.getvalue()), "."),
+            "files": Archive(
+                "3dspeaker_files.tar.gz",
+                remote("3dspeaker_files.tar.gz", None),
+                (),
+                None,
+                "3dspeaker/files",
+                flatten_to="train_wav.scp",
+            ),
+            "rirs": Archive(
+                "rirs_noises.zip",
+                remote("rirs_noises.zip", zipped.getvalue()),
+                (),
+                md5(zipped.getvalue()),
+                ".",
+            ),
         }
         raw = tmp_path / "raw"
-        done = download_3dspeaker(tmp_path / "download", raw, ("train", "files", "rirs"),
-                                  archives=archives)
+        done = download_3dspeaker(
+            tmp_path / "download", raw, ("train", "files", "rirs"), archives=archives
+        )
         first_run = len(server.requests)
-        download_3dspeaker(tmp_path / "download", raw, ("train", "files", "rirs"),
-                           archives=archives)
+        download_3dspeaker(
+            tmp_path / "download", raw, ("train", "files", "rirs"), archives=archives
+        )
         assert len(server.requests) == first_run == 5  # the rerun fetched nothing
     assert (tmp_path / "download" / "train.tar.gz").read_bytes() == train
     assert (raw / "3dspeaker" / "train" / "3D_SPK_00001").is_dir()
@@ -178,7 +205,8 @@ def test_the_real_manifest_names_every_archive_and_its_published_md5():
     archives = manifest("http://corpus.example/3D-Speaker/", "http://openslr.example/resources/")
     assert sorted(archives) == ["files", "musan", "rirs", "test", "train"]
     assert [p.name for p in archives["train"].parts] == [
-        f"train.tar.gz-part-{letter}" for letter in "abcdef"]
+        f"train.tar.gz-part-{letter}" for letter in "abcdef"
+    ]
     assert all(p.md5 and len(p.md5) == 32 for p in archives["train"].parts)
     assert archives["test"].remote.url == "http://corpus.example/3D-Speaker/test.tar.gz"
     assert archives["musan"].remote.url == "http://openslr.example/resources/17/musan.tar.gz"

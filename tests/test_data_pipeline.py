@@ -45,8 +45,9 @@ def kaldi_dir(path: Path, wavs: dict[str, str], speaker_of=lambda utt: utt[:12])
 
 @pytest.fixture(scope="module")
 def train_index(mini_data, tmp_path_factory):
-    return load_train_index(build_train_index(
-        mini_data.train_dir, tmp_path_factory.mktemp("index") / "index.tsv"))
+    return load_train_index(
+        build_train_index(mini_data.train_dir, tmp_path_factory.mktemp("index") / "index.tsv")
+    )
 
 
 # ---------------------------------------------------------------------------------- index
@@ -107,8 +108,12 @@ def test_bad_files_are_reported_by_name_and_skipped(mini_data, tmp_path, capsys)
     index = load_train_index(build_train_index(data, tmp_path / "index.tsv"))
     assert set(index.utts) == set(good)
     err = capsys.readouterr().err
-    for reason in ("audio is empty", "sample rate is 8000 Hz", "has 2 channels",
-                   "cannot read audio header"):
+    for reason in (
+        "audio is empty",
+        "sample rate is 8000 Hz",
+        "has 2 channels",
+        "cannot read audio header",
+    ):
         assert reason in err
     assert all(utt in err for utt in bad)
     listed = (tmp_path / "index.tsv.bad").read_text().splitlines()
@@ -119,8 +124,11 @@ def test_too_many_bad_files_abort_with_a_clear_message(mini_data, tmp_path):
     good = dict(list(read_table(mini_data.train_dir / "wav.scp").items())[:20])
     bad = make_bad_files(tmp_path / "bad")
     data = kaldi_dir(tmp_path / "train", {**good, **bad})
-    with pytest.raises(DataError, match=r"5 of 25 audio files of .*wav\.scp are unusable "
-                                        r"\(20\.0% > 10% allowed\)"):
+    with pytest.raises(
+        DataError,
+        match=r"5 of 25 audio files of .*wav\.scp are unusable "
+        r"\(20\.0% > 10% allowed\)",
+    ):
         build_train_index(data, tmp_path / "index.tsv")
     assert build_train_index(data, tmp_path / "index.tsv", max_bad_fraction=0.25).is_file()
 
@@ -184,7 +192,7 @@ def test_short_files_are_zero_padded(tmp_path):
         dataset = TrainDataset(index, speeds=(speed,), augment_prob=0.0)
         wav, _ = dataset.waveform(0, dataset.item_rng(0))
         assert wav.shape == (3 * SR,)
-        assert np.all(wav[length:] == 0) and np.abs(wav[length - 200:length]).max() > 0.1
+        assert np.all(wav[length:] == 0) and np.abs(wav[length - 200 : length]).max() > 0.1
         if speed == 1.0:
             assert np.allclose(wav[:SR], soundfile.read(path, dtype="float32")[0])
         assert dataset[0][0].shape == (298, 80)
@@ -201,8 +209,8 @@ def test_speed_perturbed_crop_equals_perturbing_the_whole_file(tmp_path):
         for start in (0, 1, 9, 11, 12_345, len(whole) - 30_000, len(whole) - 5):
             crop = perturb.read_crop(str(path), len(samples), speed, start, 30_000)
             expected = np.zeros(30_000, dtype=np.float32)
-            piece = whole[start:start + 30_000]
-            expected[:len(piece)] = piece
+            piece = whole[start : start + 30_000]
+            expected[: len(piece)] = piece
             assert np.allclose(crop, expected, atol=1e-6)
 
 
@@ -226,8 +234,10 @@ def test_labels_with_speed_perturbation(train_index):
 
 def test_items_are_deterministic_per_seed_and_epoch(mini_data, train_index):
     def make(seed):
-        return TrainDataset(train_index, noise_list=mini_data.noise_list,
-                            rir_list=mini_data.rir_list, seed=seed)
+        return TrainDataset(
+            train_index, noise_list=mini_data.noise_list, rir_list=mini_data.rir_list, seed=seed
+        )
+
     first, second, other_seed = make(3), make(3), make(4)
     items = [0, 5, len(first) - 1]
     for i in items:
@@ -242,17 +252,24 @@ def test_items_are_deterministic_per_seed_and_epoch(mini_data, train_index):
 
 
 def test_workers_and_ranks_see_the_same_items(mini_data, train_index):
-    dataset = TrainDataset(train_index, noise_list=mini_data.noise_list,
-                           rir_list=mini_data.rir_list, seed=11)
+    dataset = TrainDataset(
+        train_index, noise_list=mini_data.noise_list, rir_list=mini_data.rir_list, seed=11
+    )
     single = DistributedResumableSampler(len(dataset), num_replicas=1, rank=0, seed=5)
-    loader = DataLoader(dataset, batch_size=4, sampler=single, num_workers=2,
-                        persistent_workers=True, drop_last=True)
+    loader = DataLoader(
+        dataset,
+        batch_size=4,
+        sampler=single,
+        num_workers=2,
+        persistent_workers=True,
+        drop_last=True,
+    )
     for epoch in (0, 1):  # set_epoch reaches persistent workers
         dataset.set_epoch(epoch)
         single.set_epoch(epoch)
         batches = list(loader)
         order = list(single)
-        expected = [dataset[i] for i in order[:len(batches) * 4]]
+        expected = [dataset[i] for i in order[: len(batches) * 4]]
         got_feats = torch.cat([b[0] for b in batches])
         got_labels = torch.cat([b[1] for b in batches]).tolist()
         assert torch.equal(got_feats, torch.stack([e[0] for e in expected]))
@@ -264,7 +281,10 @@ def test_workers_and_ranks_see_the_same_items(mini_data, train_index):
     halves = [list(s) for s in ranks]
     whole = list(single)
     assert len(halves[0]) == len(halves[1]) == len(dataset) // 2
-    assert halves[0] == whole[0:2 * len(halves[0]):2] and halves[1] == whole[1:2 * len(halves[0]):2]
+    assert (
+        halves[0] == whole[0 : 2 * len(halves[0]) : 2]
+        and halves[1] == whole[1 : 2 * len(halves[0]) : 2]
+    )
 
 
 def test_sampler_resumes_mid_epoch():
@@ -278,8 +298,11 @@ def test_sampler_resumes_mid_epoch():
     assert list(sampler) != full  # another epoch, another order
     padded = DistributedResumableSampler(103, num_replicas=4, rank=3, drop_last=False)
     assert len(list(padded)) == 26
-    union = sorted(i for r in range(4) for i in DistributedResumableSampler(
-        103, num_replicas=4, rank=r, drop_last=False))
+    union = sorted(
+        i
+        for r in range(4)
+        for i in DistributedResumableSampler(103, num_replicas=4, rank=r, drop_last=False)
+    )
     assert set(union) == set(range(103)) and len(union) == 104
     ordered = DistributedResumableSampler(10, shuffle=False)
     assert list(ordered) == list(range(10))
@@ -326,7 +349,7 @@ def test_noise_is_mixed_at_the_requested_snr():
     for snr in (0.0, 7.5, 15.0):
         mixed = mix_at_snr(speech, noise, snr)
         residual = mixed.astype(np.float64) - speech
-        measured = 10 * np.log10(np.mean(speech.astype(np.float64) ** 2) / np.mean(residual ** 2))
+        measured = 10 * np.log10(np.mean(speech.astype(np.float64) ** 2) / np.mean(residual**2))
         assert abs(measured - snr) < 1e-3
         out = add_noise(speech, noise, snr)
         assert np.isclose(np.abs(out).max(), 1.0) and np.allclose(out, mixed / np.abs(mixed).max())
@@ -383,15 +406,28 @@ def test_unusable_augmentation_lists_are_errors(tmp_path):
 
 def test_data_config_builds_the_dataset(mini_data, tmp_path):
     cfg = OmegaConf.load(REPO / "conf" / "data" / "default.yaml")
-    assert list(cfg) == ["train_dir", "index", "segment_seconds", "crop_seconds", "speeds",
-                         "augment_prob", "noise_list", "rir_list", "snr_db", "num_mel_bins",
-                         "num_workers", "prefetch_factor", "max_bad_fraction"]
+    assert list(cfg) == [
+        "train_dir",
+        "index",
+        "segment_seconds",
+        "crop_seconds",
+        "speeds",
+        "augment_prob",
+        "noise_list",
+        "rir_list",
+        "snr_db",
+        "num_mel_bins",
+        "num_workers",
+        "prefetch_factor",
+        "max_bad_fraction",
+    ]
     assert OmegaConf.is_missing(cfg, "train_dir")
     cfg.train_dir = str(mini_data.train_dir)
     cfg.noise_list, cfg.rir_list = str(mini_data.noise_list), str(mini_data.rir_list)
     cfg.crop_seconds, cfg.num_mel_bins = 2.0, 64
-    index_path = build_train_index(cfg.train_dir, tmp_path / "index.tsv", cfg.segment_seconds,
-                                   cfg.max_bad_fraction)
+    index_path = build_train_index(
+        cfg.train_dir, tmp_path / "index.tsv", cfg.segment_seconds, cfg.max_bad_fraction
+    )
     dataset = build_train_dataset(cfg, index_path, seed=2)
     assert dataset.num_classes == 3 * dataset.num_speakers and dataset.augmenter.enabled
     assert dataset[0][0].shape == (198, 64)
@@ -406,6 +442,7 @@ def test_data_config_builds_the_dataset(mini_data, tmp_path):
 @pytest.mark.parametrize("length", [1, 7, 23, 1000, 40_001])
 def test_polyphase_resampler_equals_torchaudio(orig, new, length):
     import torchaudio
+
     samples = np.random.default_rng(length).standard_normal(length).astype(np.float32)
     expected = torchaudio.transforms.Resample(orig, new)(torch.from_numpy(samples)).numpy()
     resampled = PolyphaseResampler(orig, new)(samples)
@@ -415,12 +452,14 @@ def test_polyphase_resampler_equals_torchaudio(orig, new, length):
 
 def test_data_workers_use_one_blas_thread():
     from threadpoolctl import threadpool_info, threadpool_limits
+
     torch_threads = torch.get_num_threads()
     try:
         with threadpool_limits(limits=None):  # restores the BLAS pools on leaving
             limit_worker_threads()
             assert torch.get_num_threads() == 1
-            assert all(pool["num_threads"] == 1 for pool in threadpool_info()
-                       if pool["user_api"] == "blas")
+            assert all(
+                pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas"
+            )
     finally:
         torch.set_num_threads(torch_threads)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from local.prepare_3dspeaker import (TRIAL_LISTS, main as prepare_main, prepare_3dspeaker,
-                                     prepare_musan, prepare_rirs)
+from local.prepare_3dspeaker import TRIAL_LISTS, prepare_3dspeaker, prepare_musan, prepare_rirs
+from local.prepare_3dspeaker import main as prepare_main
 from speakerlab.data.kaldi_dir import read_table
 from speakerlab.errors import DataError
 
@@ -38,7 +38,7 @@ def test_prepared_lists_match_the_corpus_without_device09(mini_data):
         assert all(utt2spk[u] == spk for spk, us in spk2utt.items() for u in us)
         info = {f[0]: f[1:] for f in lines(out / "utt2info")}
         assert sorted(info) == expected
-        for utt, (spk, session, device, distance, dialect) in info.items():
+        for utt, (spk, session, device, _distance, dialect) in info.items():
             assert spk == utt2spk[utt] and utt.split("_")[3] == session
             assert device != "ARRAY" and " " not in dialect
     config = mini_data.config
@@ -91,8 +91,11 @@ def test_every_missing_part_is_named_with_where_it_was_sought(mini_data, tmp_pat
         prepare_3dspeaker(root, tmp_path / "data")
     message = str(err.value)
     assert "is incomplete" in message
-    for missing in (root / "test", root / "files" / "trials_cross_dialect",
-                    root / "files" / "train_utt2spk"):
+    for missing in (
+        root / "test",
+        root / "files" / "trials_cross_dialect",
+        root / "files" / "train_utt2spk",
+    ):
         assert str(missing) in message
     assert str(root / "files" / "trials_cross_device") not in message
 
@@ -148,7 +151,11 @@ def test_command_line_prints_one_line_errors(tmp_path, capsys):
 
 def test_scripts_run_standalone_with_help():
     for script in ("download_3dspeaker.py", "prepare_3dspeaker.py", "simulate_mini_corpus.py"):
-        result = subprocess.run([sys.executable, str(REPO / "local" / script), "--help"],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, str(REPO / "local" / script), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith("usage:")

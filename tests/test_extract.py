@@ -7,14 +7,21 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from processes import run_bounded
 
 from speakerlab.errors import AudioError, ConfigError
-from speakerlab.extract import (Embedder, TorchEmbedder, Utterance, extract_embeddings,
-                                finished_utterances, make_batches, read_embeddings)
+from speakerlab.extract import (
+    Embedder,
+    TorchEmbedder,
+    Utterance,
+    extract_embeddings,
+    finished_utterances,
+    make_batches,
+    read_embeddings,
+)
 from speakerlab.features import fbank
 from speakerlab.models import build_model
 from speakerlab.models.checkpoint import save_embedding_model
-from processes import run_bounded
 
 # Lengths in samples: three of 1.0 s, two of 1.5 s (+ a few samples, same frame count), others.
 LENGTHS = [16000, 24000, 16000, 24050, 19200, 16000, 12345, 40000]
@@ -71,11 +78,18 @@ class CountingEmbedder(Embedder):
 
 
 def test_batches_hold_equal_frame_counts_only():
-    utts = [Utterance(f"u{i}", "x", frames) for i, frames in
-            enumerate([98, 148, 98, 148, 118, 98, 98, 75])]
+    utts = [
+        Utterance(f"u{i}", "x", frames)
+        for i, frames in enumerate([98, 148, 98, 148, 118, 98, 98, 75])
+    ]
     batches = make_batches(utts, batch_size=3, max_batch_frames=10_000)
-    assert [[u.utt for u in b] for b in batches] == [["u7"], ["u0", "u2", "u5"], ["u6"], ["u4"],
-                                                     ["u1", "u3"]]
+    assert [[u.utt for u in b] for b in batches] == [
+        ["u7"],
+        ["u0", "u2", "u5"],
+        ["u6"],
+        ["u4"],
+        ["u1", "u3"],
+    ]
     # The frame budget splits a run too: 2 x 98 frames fit into 200, 3 do not.
     assert [len(b) for b in make_batches(utts, 8, 200)] == [1, 2, 2, 1, 1, 1]
 
@@ -101,12 +115,14 @@ def test_batched_extraction_equals_one_at_a_time(tmp_path, embedder):
 
 def test_interrupted_extraction_resumes_where_it_stopped(tmp_path, embedder):
     scp = write_wav_scp(tmp_path / "wavs")
-    reference = read_embeddings(extract_embeddings(scp, embedder, tmp_path / "ref", batch_size=2,
-                                                   progress=False))
+    reference = read_embeddings(
+        extract_embeddings(scp, embedder, tmp_path / "ref", batch_size=2, progress=False)
+    )
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        extract_embeddings(scp, CountingEmbedder(embedder, fail_after_batches=3), out,
-                           batch_size=2, progress=False)
+        extract_embeddings(
+            scp, CountingEmbedder(embedder, fail_after_batches=3), out, batch_size=2, progress=False
+        )
     done = finished_utterances(out)
     # Batches by length: [utt6] [utt0 utt2] [utt5] [utt4] [utt1 utt3] [utt7]; three were done.
     assert done == {"utt6", "utt0", "utt2", "utt5"}
@@ -150,10 +166,12 @@ def test_resuming_with_another_model_is_refused(tmp_path, embedder):
     extract_embeddings(scp, embedder, tmp_path / "out", progress=False, model_tag="/models/a.pt")
     assert (tmp_path / "out" / "model_tag").read_text() == "/models/a.pt\n"
     extract_embeddings(scp, embedder, tmp_path / "out", progress=False, model_tag="/models/a.pt")
-    with pytest.raises(ConfigError, match="holds embeddings of model '/models/a.pt', not "
-                                          "'/models/b.pt'"):
-        extract_embeddings(scp, embedder, tmp_path / "out", progress=False,
-                           model_tag="/models/b.pt")
+    with pytest.raises(
+        ConfigError, match="holds embeddings of model '/models/a.pt', not '/models/b.pt'"
+    ):
+        extract_embeddings(
+            scp, embedder, tmp_path / "out", progress=False, model_tag="/models/b.pt"
+        )
 
 
 def test_unusable_recordings_are_listed_before_any_work(tmp_path, embedder):
@@ -180,13 +198,31 @@ def test_torchrun_ranks_and_cli_match_single_process(tmp_path, mini_data, embedd
     checkpoint = tmp_path / "model.pt"
     save_embedding_model(embedder.model, checkpoint)
     wav_scp = mini_data.test_dir / "wav.scp"
-    single = read_embeddings(extract_embeddings(wav_scp, embedder, tmp_path / "single",
-                                                progress=False))
+    single = read_embeddings(
+        extract_embeddings(wav_scp, embedder, tmp_path / "single", progress=False)
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", "-m", "speakerlab", "extract", "--model", str(checkpoint),
-               "--wav-scp", str(wav_scp), "--out-dir", str(tmp_path / "ranks"),
-               "--batch-size", "4", "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "speakerlab",
+        "extract",
+        "--model",
+        str(checkpoint),
+        "--wav-scp",
+        str(wav_scp),
+        "--out-dir",
+        str(tmp_path / "ranks"),
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+    ]
     run = run_bounded(command, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     ranked = read_embeddings(tmp_path / "ranks" / "embedding.scp")

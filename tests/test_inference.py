@@ -28,8 +28,9 @@ def tone(seconds, freq, rate=RATE, seed=0):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return build_model("campplus", embedding_size=32, growth_rate=8, bn_size=2,
-                       init_channels=16).eval()
+    return build_model(
+        "campplus", embedding_size=32, growth_rate=8, bn_size=2, init_channels=16
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +93,16 @@ def test_other_sample_rates_are_resampled_to_16k(verifier, model, tmp_path):
 
 
 def test_scores_and_decisions(verifier, model, wavs):
-    a, b = direct_embedding(model, tone(1.2, 180, seed=1)), direct_embedding(model, tone(1.0, 240, seed=2))
+    a, b = (
+        direct_embedding(model, tone(1.2, 180, seed=1)),
+        direct_embedding(model, tone(1.0, 240, seed=2)),
+    )
     assert verifier.score(wavs["a"], wavs["b"]) == pytest.approx(cosine(a, b), abs=1e-5)
     assert verifier.score(wavs["a"], wavs["a"]) == pytest.approx(1.0, abs=1e-6)
 
-    results = verifier.verify_pairs([(wavs["a"], wavs["a"]), (wavs["a"], wavs["b"]),
-                                     (wavs["b"], wavs["c"])])
+    results = verifier.verify_pairs(
+        [(wavs["a"], wavs["a"]), (wavs["a"], wavs["b"]), (wavs["b"], wavs["c"])]
+    )
     scores = [r.score for r in results]
     assert scores[1] == pytest.approx(cosine(a, b), abs=1e-5)
     assert all(r.threshold == 0.5 and r.same_speaker == (r.score >= 0.5) for r in results)
@@ -115,14 +120,20 @@ def test_embed_many_equals_one_at_a_time(verifier, wavs):
         np.testing.assert_allclose(row, verifier.embed(audio), atol=1e-5)
 
 
-@pytest.mark.parametrize("audio, message", [
-    (np.zeros(0, np.float32), "audio array: audio is empty"),
-    (np.zeros((2, 0), np.float32), "audio array: audio is empty"),
-    (np.zeros(300, np.float32), r"audio array: 0.019 s of audio is too short; the model needs "
-                                r"at least 0.045 s \(3 frames\)"),
-    (np.full(16000, np.nan, np.float32), "NaN or infinite"),
-    (np.zeros((2, 3, 16000), np.float32), "expected 1-D .* got shape"),
-])
+@pytest.mark.parametrize(
+    "audio, message",
+    [
+        (np.zeros(0, np.float32), "audio array: audio is empty"),
+        (np.zeros((2, 0), np.float32), "audio array: audio is empty"),
+        (
+            np.zeros(300, np.float32),
+            r"audio array: 0.019 s of audio is too short; the model needs "
+            r"at least 0.045 s \(3 frames\)",
+        ),
+        (np.full(16000, np.nan, np.float32), "NaN or infinite"),
+        (np.zeros((2, 3, 16000), np.float32), "expected 1-D .* got shape"),
+    ],
+)
 def test_unusable_arrays_raise_clear_errors(verifier, audio, message):
     with pytest.raises(AudioError, match=message):
         verifier.embed(audio)
@@ -153,7 +164,8 @@ def test_checkpoint_path_needs_a_threshold(checkpoint, wavs):
     with pytest.raises(ConfigError, match="no decision threshold is known"):
         loaded.verify(wavs["a"], wavs["b"])
     assert loaded.score(wavs["a"], wavs["b"]) == pytest.approx(
-        SpeakerVerifier.load(checkpoint, threshold=0.3).verify(wavs["a"], wavs["b"]).score)
+        SpeakerVerifier.load(checkpoint, threshold=0.3).verify(wavs["a"], wavs["b"]).score
+    )
 
 
 def test_a_released_checkpoint_file_keeps_its_threshold(tmp_path):
@@ -180,19 +192,31 @@ def test_unknown_model_sources_fail_clearly(tmp_path):
 
 
 def test_verify_cli(checkpoint, wavs, capsys):
-    verify_cli.main([str(wavs["a"]), str(wavs["a"]), "--model", str(checkpoint),
-                     "--threshold", "0.4"])
-    assert capsys.readouterr().out.splitlines() == ["score: 1.0000",
-                                                    "decision: same speaker (threshold 0.4)"]
-    verify_cli.main([str(wavs["a"]), str(wavs["c"]), "--model", str(checkpoint),
-                     "--threshold", "1.01"])
+    verify_cli.main(
+        [str(wavs["a"]), str(wavs["a"]), "--model", str(checkpoint), "--threshold", "0.4"]
+    )
+    assert capsys.readouterr().out.splitlines() == [
+        "score: 1.0000",
+        "decision: same speaker (threshold 0.4)",
+    ]
+    verify_cli.main(
+        [str(wavs["a"]), str(wavs["c"]), "--model", str(checkpoint), "--threshold", "1.01"]
+    )
     assert "decision: different speakers (threshold 1.01)" in capsys.readouterr().out
 
 
 def test_verify_cli_errors_are_one_line(checkpoint, wavs, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        verify_cli.main([str(wavs["a"]), str(tmp_path / "gone.wav"), "--model", str(checkpoint),
-                         "--threshold", "0.4"])
+        verify_cli.main(
+            [
+                str(wavs["a"]),
+                str(tmp_path / "gone.wav"),
+                "--model",
+                str(checkpoint),
+                "--threshold",
+                "0.4",
+            ]
+        )
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("speakerlab verify: error: ") and err.count("\n") == 1
@@ -203,8 +227,16 @@ def test_verify_cli_errors_are_one_line(checkpoint, wavs, tmp_path, capsys):
 
 
 def test_embed_cli_files_and_wav_scp(checkpoint, verifier, wavs, tmp_path, capsys):
-    embed_cli.main([str(wavs["a"]), str(wavs["b"]), "--model", str(checkpoint),
-                    "--out-dir", str(tmp_path / "files")])
+    embed_cli.main(
+        [
+            str(wavs["a"]),
+            str(wavs["b"]),
+            "--model",
+            str(checkpoint),
+            "--out-dir",
+            str(tmp_path / "files"),
+        ]
+    )
     assert "wrote 2 embeddings of dimension 32" in capsys.readouterr().out
     got = dict(kaldiio.load_scp(str(tmp_path / "files" / "embedding.scp")))
     assert list(got) == ["a", "b"]
@@ -212,14 +244,32 @@ def test_embed_cli_files_and_wav_scp(checkpoint, verifier, wavs, tmp_path, capsy
 
     scp = tmp_path / "wav.scp"
     scp.write_text(f"first {wavs['c']}\nsecond {wavs['a']}\n")
-    embed_cli.main(["--wav-scp", str(scp), "--model", str(checkpoint), "--normalize",
-                    "--out-dir", str(tmp_path / "scp")])
+    embed_cli.main(
+        [
+            "--wav-scp",
+            str(scp),
+            "--model",
+            str(checkpoint),
+            "--normalize",
+            "--out-dir",
+            str(tmp_path / "scp"),
+        ]
+    )
     got = dict(kaldiio.load_scp(str(tmp_path / "scp" / "embedding.scp")))
     assert list(got) == ["first", "second"]
     np.testing.assert_allclose(got["first"], verifier.embed(wavs["c"], normalize=True), atol=1e-5)
 
     with pytest.raises(SystemExit) as exit_info:
-        embed_cli.main([str(wavs["a"]), "--wav-scp", str(scp), "--model", str(checkpoint),
-                        "--out-dir", str(tmp_path / "both")])
+        embed_cli.main(
+            [
+                str(wavs["a"]),
+                "--wav-scp",
+                str(scp),
+                "--model",
+                str(checkpoint),
+                "--out-dir",
+                str(tmp_path / "both"),
+            ]
+        )
     assert exit_info.value.code == 1
     assert "give either audio files or --wav-scp" in capsys.readouterr().err

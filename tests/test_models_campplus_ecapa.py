@@ -16,18 +16,30 @@ REFERENCE_DIR = Path(__file__).parent / "fixtures" / "reference"
 
 # Constructor arguments of the small reference fixtures (fixtures/reference/README.md).
 SMALL_CONFIGS = {
-    "campplus": (CAMPPlus, dict(feat_dim=80, embedding_size=32, growth_rate=8, bn_size=2,
-                                init_channels=16)),
-    "ecapa_tdnn": (ECAPATDNN, dict(feat_dim=80, embedding_size=32, channels=[64, 64, 64, 64, 192],
-                                   attention_channels=16, se_channels=16)),
+    "campplus": (
+        CAMPPlus,
+        dict(feat_dim=80, embedding_size=32, growth_rate=8, bn_size=2, init_channels=16),
+    ),
+    "ecapa_tdnn": (
+        ECAPATDNN,
+        dict(
+            feat_dim=80,
+            embedding_size=32,
+            channels=[64, 64, 64, 64, 192],
+            attention_channels=16,
+            se_channels=16,
+        ),
+    ),
 }
 
 # Released full-size configurations and their manifest entries.
 FULL_SIZE_CONFIGS = {
     "campplus_emb512": (CAMPPlus, dict(feat_dim=80, embedding_size=512)),
     "campplus_emb192": (CAMPPlus, dict(feat_dim=80, embedding_size=192)),
-    "ecapa_tdnn_c1024_emb192": (ECAPATDNN, dict(feat_dim=80, embedding_size=192,
-                                                channels=[1024, 1024, 1024, 1024, 3072])),
+    "ecapa_tdnn_c1024_emb192": (
+        ECAPATDNN,
+        dict(feat_dim=80, embedding_size=192, channels=[1024, 1024, 1024, 1024, 3072]),
+    ),
 }
 
 
@@ -103,7 +115,9 @@ def test_full_size_state_dict_matches_reference_manifest(entry):
     expected = manifest["state_dict"]
     assert sorted(set(shapes) - set(expected)) == [], "keys not in the reference"
     assert sorted(set(expected) - set(shapes)) == [], "reference keys missing"
-    mismatched = {key: (shapes[key], expected[key]) for key in expected if shapes[key] != expected[key]}
+    mismatched = {
+        key: (shapes[key], expected[key]) for key in expected if shapes[key] != expected[key]
+    }
     assert mismatched == {}
     assert sum(p.numel() for p in model.parameters()) == manifest["num_parameters"]
 

@@ -142,8 +142,14 @@ def test_stats_pool_gradient_finite_on_constant_input():
 
 def test_shallower_eres2net_has_the_requested_blocks_and_is_inferred_back():
     from speakerlab.models.checkpoint import infer_architecture
+
     model = ERes2Net(**SMALL_KWARGS, num_blocks=(1, 2, 1, 1))
-    assert [len(model.layer1), len(model.layer2), len(model.layer3), len(model.layer4)] == [1, 2, 1, 1]
+    assert [len(model.layer1), len(model.layer2), len(model.layer3), len(model.layer4)] == [
+        1,
+        2,
+        1,
+        1,
+    ]
     assert model(torch.randn(2, 120, 80)).shape == (2, 32)
     name, kwargs = infer_architecture(model.state_dict())
     assert name == "eres2net" and kwargs == {**SMALL_KWARGS, "num_blocks": [1, 2, 1, 1]}

@@ -21,8 +21,13 @@ SMALL_CONFIGS = {
     "eres2net": dict(feat_dim=80, embedding_size=32, m_channels=8),
     "eres2netv2": dict(feat_dim=80, embedding_size=32, m_channels=8),
     "campplus": dict(feat_dim=80, embedding_size=32, growth_rate=8, bn_size=2, init_channels=16),
-    "ecapa_tdnn": dict(feat_dim=80, embedding_size=32, channels=[64, 64, 64, 64, 192],
-                       attention_channels=16, se_channels=16),
+    "ecapa_tdnn": dict(
+        feat_dim=80,
+        embedding_size=32,
+        channels=[64, 64, 64, 64, 192],
+        attention_channels=16,
+        se_channels=16,
+    ),
 }
 
 
@@ -67,8 +72,9 @@ def write_recordings(directory, count=5):
     for i in range(count):
         path = directory / f"r{i}.wav"
         seconds = 1.0 if i < 3 else 1.3 + 0.2 * i
-        soundfile.write(path, (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32),
-                        16000)
+        soundfile.write(
+            path, (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000
+        )
         lines.append(f"r{i} {path}\n")
     (directory / "wav.scp").write_text("".join(lines))
     return directory / "wav.scp"
@@ -85,27 +91,54 @@ def test_onnx_backend_for_extraction_and_verification(tmp_path, capsys):
     assert "ONNX Runtime matches PyTorch: smallest cosine similarity" in printed
 
     wav_scp = write_recordings(tmp_path / "wavs")
-    with_torch = read_embeddings(extract_embeddings(wav_scp, TorchEmbedder(model),
-                                                    tmp_path / "torch", progress=False))
+    with_torch = read_embeddings(
+        extract_embeddings(wav_scp, TorchEmbedder(model), tmp_path / "torch", progress=False)
+    )
     onnx_embedder = OnnxEmbedder(onnx_path)
     assert onnx_embedder.metadata["model_name"] == "ecapa_tdnn"
     assert "threshold" not in onnx_embedder.metadata  # unknown for our own checkpoints
-    with_onnx = read_embeddings(extract_embeddings(wav_scp, onnx_embedder, tmp_path / "onnx",
-                                                   progress=False))
+    with_onnx = read_embeddings(
+        extract_embeddings(wav_scp, onnx_embedder, tmp_path / "onnx", progress=False)
+    )
     # On the CPU the extract command exports a checkpoint itself and runs ONNX Runtime: by
     # default, and with --backend onnx; --backend torch keeps PyTorch.
     assert extract_cli.choose_backend("auto", "cpu") == "onnx"
     assert extract_cli.choose_backend("torch", "cpu") == "torch"
-    extract_cli.main(["--model", str(checkpoint), "--wav-scp", str(wav_scp), "--out-dir",
-                      str(tmp_path / "cli"), "--num-workers", "0", "--no-progress"])
+    extract_cli.main(
+        [
+            "--model",
+            str(checkpoint),
+            "--wav-scp",
+            str(wav_scp),
+            "--out-dir",
+            str(tmp_path / "cli"),
+            "--num-workers",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert (tmp_path / "cli" / "model.onnx").is_file()
-    extract_cli.main(["--model", str(checkpoint), "--wav-scp", str(wav_scp), "--out-dir",
-                      str(tmp_path / "cli_torch"), "--backend", "torch", "--num-workers", "0",
-                      "--no-progress"])
+    extract_cli.main(
+        [
+            "--model",
+            str(checkpoint),
+            "--wav-scp",
+            str(wav_scp),
+            "--out-dir",
+            str(tmp_path / "cli_torch"),
+            "--backend",
+            "torch",
+            "--num-workers",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert not (tmp_path / "cli_torch" / "model.onnx").exists()
     np.testing.assert_allclose(
         np.stack(list(read_embeddings(tmp_path / "cli_torch" / "embedding.scp").values())),
-        np.stack(list(with_torch.values())), atol=1e-6)
+        np.stack(list(with_torch.values())),
+        atol=1e-6,
+    )
     with_cli = read_embeddings(tmp_path / "cli" / "embedding.scp")
     assert list(with_onnx) == list(with_torch) == list(with_cli)
     for key in with_torch:

@@ -9,23 +9,30 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from processes import run_bounded
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "egs" / "3dspeaker" / "sv-eres2net" / "run.sh"
 TRIAL_LISTS = ["trials_cross_device", "trials_cross_distance", "trials_cross_dialect"]
 # A reduced configuration: a tiny ERes2Net, one short epoch, 2 s crops.
-TINY_TRAINING = ["model.m_channels=4", "model.embedding_size=16", "trainer.epochs=1",
-                 "trainer.batch_size=16", "data.crop_seconds=2.0", "data.num_workers=0",
-                 "trainer.progress_bar=false"]
+TINY_TRAINING = [
+    "model.m_channels=4",
+    "model.embedding_size=16",
+    "trainer.epochs=1",
+    "trainer.batch_size=16",
+    "data.crop_seconds=2.0",
+    "data.num_workers=0",
+    "trainer.progress_bar=false",
+]
 
 
 def run_recipe(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     result = run_bounded(["bash", str(RECIPE), *args], timeout=900, env=env)
     if check and result.returncode != 0:
-        raise AssertionError(f"recipe failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"recipe failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -35,12 +42,15 @@ def test_unknown_option_is_an_error():
     assert "unknown option --stgae" in result.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--corpus", "timit"], "--corpus must be 3dspeaker or mini, not 'timit'"),
-    (["--experiment", "resnet"], "unknown experiment 'resnet'"),
-    (["--stage"], "option --stage needs a value"),
-    (["stage=3"], "unexpected argument 'stage=3'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--corpus", "timit"], "--corpus must be 3dspeaker or mini, not 'timit'"),
+        (["--experiment", "resnet"], "unknown experiment 'resnet'"),
+        (["--stage"], "option --stage needs a value"),
+        (["stage=3"], "unexpected argument 'stage=3'"),
+    ],
+)
 def test_bad_option_values(args, message):
     result = run_recipe(*args, check=False)
     assert result.returncode != 0
@@ -50,8 +60,19 @@ def test_bad_option_values(args, message):
 def test_missing_real_corpus_without_download(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
-    result = run_recipe("--corpus", "3dspeaker", "--download", "false", "--raw_data", str(raw),
-                        "--data", str(tmp_path / "data"), "--stop_stage", "1", check=False)
+    result = run_recipe(
+        "--corpus",
+        "3dspeaker",
+        "--download",
+        "false",
+        "--raw_data",
+        str(raw),
+        "--data",
+        str(tmp_path / "data"),
+        "--stop_stage",
+        "1",
+        check=False,
+    )
     assert result.returncode != 0
     assert str(raw / "3dspeaker") in result.stderr
     assert not (tmp_path / "data" / "3dspeaker" / ".done").exists()
@@ -67,8 +88,9 @@ def read_results(exp: Path) -> list[dict]:
 def test_reduced_mini_recipe_end_to_end_reruns_and_pretrained(tmp_path):
     paths = ["--raw_data", str(tmp_path / "raw"), "--data", str(tmp_path / "data")]
     exp = tmp_path / "exp"
-    first = run_recipe("--corpus", "mini", "--mini_size", "ci", *paths, "--exp", str(exp),
-                       "--", *TINY_TRAINING)
+    first = run_recipe(
+        "--corpus", "mini", "--mini_size", "ci", *paths, "--exp", str(exp), "--", *TINY_TRAINING
+    )
 
     # Stage 5 printed the table, and wrote it with every trial list as a row.
     for name in TRIAL_LISTS:
@@ -82,8 +104,9 @@ def test_reduced_mini_recipe_end_to_end_reruns_and_pretrained(tmp_path):
 
     # Re-running everything redoes nothing: data, index, training, extraction are skipped.
     scores_mtime = (exp / "scores" / "trials_cross_device.score").stat().st_mtime_ns
-    again = run_recipe("--corpus", "mini", "--mini_size", "ci", *paths, "--exp", str(exp),
-                       "--", *TINY_TRAINING)
+    again = run_recipe(
+        "--corpus", "mini", "--mini_size", "ci", *paths, "--exp", str(exp), "--", *TINY_TRAINING
+    )
     assert "already prepared" in again.stderr
     assert "reusing up-to-date training index" in again.stderr + again.stdout
     assert "training was already complete" in again.stderr + again.stdout
@@ -97,7 +120,16 @@ def test_reduced_mini_recipe_end_to_end_reruns_and_pretrained(tmp_path):
 
     # --pretrained evaluates the exported checkpoint without training: the same numbers.
     pretrained_exp = tmp_path / "exp_pretrained"
-    run_recipe(*paths, "--pretrained", str(exp / "model.ckpt"), "--exp", str(pretrained_exp),
-               "--stage", "2", "--stop_stage", "5")
+    run_recipe(
+        *paths,
+        "--pretrained",
+        str(exp / "model.ckpt"),
+        "--exp",
+        str(pretrained_exp),
+        "--stage",
+        "2",
+        "--stop_stage",
+        "5",
+    )
     assert not (pretrained_exp / "checkpoints").exists()
     assert read_results(pretrained_exp) == results

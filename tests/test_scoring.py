@@ -11,25 +11,40 @@ import pytest
 from speakerlab.bin import score as score_cli
 from speakerlab.errors import DataError
 from speakerlab.metrics import compute_metrics
-from speakerlab.scoring import (EmbeddingTable, ScoringSetup, as_norm, cohort_statistics,
-                                cosine_scores, load_cohort, load_embeddings, read_trials,
-                                score_trials, trial_rows)
+from speakerlab.scoring import (
+    EmbeddingTable,
+    ScoringSetup,
+    as_norm,
+    cohort_statistics,
+    cosine_scores,
+    load_cohort,
+    load_embeddings,
+    read_trials,
+    score_trials,
+    trial_rows,
+)
 
 VECTORS = {
     "a1": [1.0, 0.0, 0.0],
-    "a2": [2.0, 2.0, 0.0],   # 45 degrees from a1
-    "b1": [0.0, 0.0, 3.0],   # orthogonal to a1 and a2
+    "a2": [2.0, 2.0, 0.0],  # 45 degrees from a1
+    "b1": [0.0, 0.0, 3.0],  # orthogonal to a1 and a2
     "b2": [-1.0, 0.0, 1.0],  # 135 degrees from a1, 120 from a2, 45 from b1
 }
-HAND_COSINES = {("a1", "a2"): 1 / math.sqrt(2), ("a1", "b1"): 0.0, ("a2", "b2"): -0.5,
-                ("b1", "b2"): 1 / math.sqrt(2), ("a1", "b2"): -1 / math.sqrt(2)}
+HAND_COSINES = {
+    ("a1", "a2"): 1 / math.sqrt(2),
+    ("a1", "b1"): 0.0,
+    ("a2", "b2"): -0.5,
+    ("b1", "b2"): 1 / math.sqrt(2),
+    ("a1", "b2"): -1 / math.sqrt(2),
+}
 
 
 def write_scp(directory, vectors, name="embedding"):
     directory.mkdir(parents=True, exist_ok=True)
     ark, scp = directory / f"{name}.ark", directory / f"{name}.scp"
-    kaldiio.save_ark(str(ark), {k: np.asarray(v, dtype=np.float32) for k, v in vectors.items()},
-                     scp=str(scp))
+    kaldiio.save_ark(
+        str(ark), {k: np.asarray(v, dtype=np.float32) for k, v in vectors.items()}, scp=str(scp)
+    )
     return scp
 
 
@@ -39,8 +54,9 @@ def write_trials(path, lines):
 
 
 def test_read_trials_accepts_both_label_styles_and_skips_blank_lines(tmp_path):
-    path = write_trials(tmp_path / "trials", ["a1 a2 target", "", "a1 b1 nontarget", "a2 b2 1",
-                                              "  b1 b2   0  "])
+    path = write_trials(
+        tmp_path / "trials", ["a1 a2 target", "", "a1 b1 nontarget", "a2 b2 1", "  b1 b2   0  "]
+    )
     trials = read_trials(path)
     assert trials.enrol == ["a1", "a1", "a2", "b1"]
     assert trials.test == ["a2", "b1", "b2", "b2"]
@@ -49,13 +65,19 @@ def test_read_trials_accepts_both_label_styles_and_skips_blank_lines(tmp_path):
     assert trials.name == "trials"
 
 
-@pytest.mark.parametrize("lines, message", [
-    (["a1 a2 target", "a1 b1"], r"trials:2: expected 3 fields .* got 2: 'a1 b1'"),
-    (["a1 a2 target", "a1 b1 nontarget extra"], r"trials:2: expected 3 fields .* got 4"),
-    (["a1 a2 target", "", "a1 b1 maybe"], r"trials:3: label must be target/nontarget or 1/0, "
-                                            r"got 'maybe'"),
-    ([""], r"trials: trial list is empty"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (["a1 a2 target", "a1 b1"], r"trials:2: expected 3 fields .* got 2: 'a1 b1'"),
+        (["a1 a2 target", "a1 b1 nontarget extra"], r"trials:2: expected 3 fields .* got 4"),
+        (
+            ["a1 a2 target", "", "a1 b1 maybe"],
+            r"trials:3: label must be target/nontarget or 1/0, "
+            r"got 'maybe'",
+        ),
+        ([""], r"trials: trial list is empty"),
+    ],
+)
 def test_malformed_trial_lines_name_the_line(tmp_path, lines, message):
     with pytest.raises(DataError, match=message):
         read_trials(write_trials(tmp_path / "trials", lines))
@@ -73,12 +95,15 @@ def test_field_counting_agrees_with_str_split():
 
 
 def test_non_ascii_trial_lists(tmp_path):
-    path = write_trials(tmp_path / "trials", ["说话人1_a 说话人1_b target", "说话人1_a\t说话人2_a   0",
-                                              "说话人2_a 说话人2_b"])
+    path = write_trials(
+        tmp_path / "trials",
+        ["说话人1_a 说话人1_b target", "说话人1_a\t说话人2_a   0", "说话人2_a 说话人2_b"],
+    )
     with pytest.raises(DataError, match="trials:3: expected 3 fields"):
         read_trials(path)
-    trials = read_trials(write_trials(tmp_path / "ok", ["说话人1_a 说话人1_b target",
-                                                        "说话人1_a\t说话人2_a   0"]))
+    trials = read_trials(
+        write_trials(tmp_path / "ok", ["说话人1_a 说话人1_b target", "说话人1_a\t说话人2_a   0"])
+    )
     assert trials.test == ["说话人1_b", "说话人2_a"] and trials.labels.tolist() == [1, 0]
 
 
@@ -142,8 +167,9 @@ def test_as_norm_known_answer():
     np.testing.assert_allclose(stds, [0.2, 0.1], atol=1e-6)
     enrol, test = np.array([0, 0]), np.array([1, 0])
     raw = cosine_scores(matrix, enrol, test)
-    np.testing.assert_allclose(as_norm(raw, enrol, test, matrix, cohort, top_k=2), [-6.5, 1.0],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        as_norm(raw, enrol, test, matrix, cohort, top_k=2), [-6.5, 1.0], atol=1e-5
+    )
     # top_k larger than the cohort uses all of it: e {1, 0, -1, 0.6} has mean 0.15.
     means, _ = cohort_statistics(matrix, cohort, top_k=100)
     np.testing.assert_allclose(means, [0.15, 0.45], atol=1e-6)
@@ -153,8 +179,9 @@ def test_speaker_mean_cohort(tmp_path):
     scp = write_scp(tmp_path, {"s1_a": [1.0, 0.0], "s1_b": [0.0, 5.0], "s2_a": [-2.0, 0.0]})
     (tmp_path / "utt2spk").write_text("s1_a s1\ns1_b s1\ns2_a s2\n")
     cohort = load_cohort(scp, tmp_path / "utt2spk")
-    np.testing.assert_allclose(cohort, [[1 / math.sqrt(2), 1 / math.sqrt(2)], [-1.0, 0.0]],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        cohort, [[1 / math.sqrt(2), 1 / math.sqrt(2)], [-1.0, 0.0]], atol=1e-6
+    )
     assert load_cohort(scp).shape == (3, 2)
 
 
@@ -162,15 +189,18 @@ def make_scoring_case(tmp_path):
     """20 utterances of 5 well-separated speakers in 8 dimensions, two trial lists."""
     rng = np.random.default_rng(1)
     centres = rng.standard_normal((5, 8))
-    vectors = {f"s{s}_u{u}": centres[s] + 0.6 * rng.standard_normal(8)
-               for s in range(5) for u in range(4)}
+    vectors = {
+        f"s{s}_u{u}": centres[s] + 0.6 * rng.standard_normal(8) for s in range(5) for u in range(4)
+    }
     scp = write_scp(tmp_path / "emb", vectors)
     utts = list(vectors)
     lists = {}
     for name, seed in (("trials_a", 2), ("trials_b", 3)):
         pick = np.random.default_rng(seed).integers(0, len(utts), (200, 2))
-        lines = [f"{utts[i]} {utts[j]} {'target' if utts[i][:2] == utts[j][:2] else 'nontarget'}"
-                 for i, j in pick]
+        lines = [
+            f"{utts[i]} {utts[j]} {'target' if utts[i][:2] == utts[j][:2] else 'nontarget'}"
+            for i, j in pick
+        ]
         lines += ["s0_u0 s0_u1 target", "s0_u0 s1_u0 nontarget"]  # both classes for sure
         lists[name] = write_trials(tmp_path / name, lines)
     return scp, vectors, lists
@@ -213,8 +243,10 @@ def test_score_trials_writes_scores_results_and_plot(tmp_path):
 
 def test_as_norm_run_records_settings(tmp_path):
     scp, vectors, lists = make_scoring_case(tmp_path)
-    cohort_scp = write_scp(tmp_path / "cohort", {
-        f"c{i}": v for i, v in enumerate(np.random.default_rng(5).standard_normal((30, 8)))})
+    cohort_scp = write_scp(
+        tmp_path / "cohort",
+        {f"c{i}": v for i, v in enumerate(np.random.default_rng(5).standard_normal((30, 8)))},
+    )
     setup = ScoringSetup(cohort=load_cohort(cohort_scp), top_k=10, det_plot=False)
     results = score_trials(scp, [lists["trials_a"]], tmp_path / "out", setup)
     payload = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -233,8 +265,19 @@ def test_as_norm_run_records_settings(tmp_path):
 
 def test_score_cli(tmp_path, capsys):
     scp, _, lists = make_scoring_case(tmp_path)
-    score_cli.main(["--embeddings", str(scp), "--trials", *map(str, lists.values()),
-                    "--out-dir", str(tmp_path / "cli"), "--p-target", "0.01", "0.05"])
+    score_cli.main(
+        [
+            "--embeddings",
+            str(scp),
+            "--trials",
+            *map(str, lists.values()),
+            "--out-dir",
+            str(tmp_path / "cli"),
+            "--p-target",
+            "0.01",
+            "0.05",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "| trials_a | 202 |" in printed and "minDCF (p=0.05)" in printed
     assert (tmp_path / "cli" / "det.png").is_file()
@@ -244,14 +287,26 @@ def test_score_cli_reports_bad_trials_without_traceback(tmp_path, capsys):
     scp, _, _ = make_scoring_case(tmp_path)
     bad = write_trials(tmp_path / "bad_trials", ["s0_u0 s0_u1 target", "s0_u0 s9_u9 nontarget"])
     with pytest.raises(SystemExit) as exit_info:
-        score_cli.main(["--embeddings", str(scp), "--trials", str(bad),
-                        "--out-dir", str(tmp_path / "cli")])
+        score_cli.main(
+            ["--embeddings", str(scp), "--trials", str(bad), "--out-dir", str(tmp_path / "cli")]
+        )
     assert exit_info.value.code == 1
-    assert capsys.readouterr().err == (f"speakerlab score: error: {bad}:2: test utterance 's9_u9' "
-                                       "has no embedding\n")
+    assert capsys.readouterr().err == (
+        f"speakerlab score: error: {bad}:2: test utterance 's9_u9' has no embedding\n"
+    )
     with pytest.raises(SystemExit):
-        score_cli.main(["--embeddings", str(scp), "--trials", str(bad), "--out-dir",
-                        str(tmp_path / "cli"), "--top-k", "0"])
+        score_cli.main(
+            [
+                "--embeddings",
+                str(scp),
+                "--trials",
+                str(bad),
+                "--out-dir",
+                str(tmp_path / "cli"),
+                "--top-k",
+                "0",
+            ]
+        )
 
 
 def test_embedding_table_rows():

@@ -12,22 +12,42 @@ import numpy as np
 import soundfile
 import torch
 
-from local.simulate_mini_corpus import (DEVICE_NAMES, DIALECT_NAMES, DISTANCES_M, SimulationConfig,
-                                        make_devices, make_dialects, render_device,
-                                        render_distance, sample_voice, simulate_corpus,
-                                        synthesize_speech)
+from local.simulate_mini_corpus import (
+    DEVICE_NAMES,
+    DIALECT_NAMES,
+    DISTANCES_M,
+    SimulationConfig,
+    make_devices,
+    make_dialects,
+    render_device,
+    render_distance,
+    sample_voice,
+    simulate_corpus,
+    synthesize_speech,
+)
 from speakerlab.audio import load_audio
 from speakerlab.data.kaldi_dir import read_table
 from speakerlab.data.kaldi_fbank import KaldiFbank
 
 UTT_PATTERN = re.compile(r"(3D_SPK_\d{5})_(\d{3})_Device(0[1-9])_Distance(\d{2})_Dialect(\d{2})")
-TINY = SimulationConfig(num_train_speakers=2, num_test_speakers=2, utts_per_speaker=4,
-                        min_seconds=1.0, max_seconds=1.5, num_noises=3, num_rirs=2, seed=3)
+TINY = SimulationConfig(
+    num_train_speakers=2,
+    num_test_speakers=2,
+    utts_per_speaker=4,
+    min_seconds=1.0,
+    max_seconds=1.5,
+    num_noises=3,
+    num_rirs=2,
+    seed=3,
+)
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_simulation_is_deterministic_for_a_seed(tmp_path):
@@ -78,7 +98,9 @@ def test_trials_cross_their_condition(mini_data):
     files = mini_data.root / "files"
     position = {"device": 3, "distance": 4, "dialect": 5}
     for condition, group in position.items():
-        trials = [line.split() for line in (files / f"trials_cross_{condition}").read_text().splitlines()]
+        trials = [
+            line.split() for line in (files / f"trials_cross_{condition}").read_text().splitlines()
+        ]
         assert trials and {t[2] for t in trials} == {"target", "nontarget"}
         for enrol, test, label in trials:
             a, b = UTT_PATTERN.fullmatch(enrol), UTT_PATTERN.fullmatch(test)
@@ -105,8 +127,16 @@ def fbank_statistics(wav: torch.Tensor) -> np.ndarray:
 def test_speakers_are_separable_by_fbank_statistics(tmp_path):
     """A simple embedding (fbank statistics, standardised, cosine) already scores the target
     trials of every cross-condition list above the nontarget ones on average."""
-    config = SimulationConfig(num_train_speakers=0, num_test_speakers=16, utts_per_speaker=4,
-                              min_seconds=2.0, max_seconds=3.0, num_noises=0, num_rirs=0, seed=0)
+    config = SimulationConfig(
+        num_train_speakers=0,
+        num_test_speakers=16,
+        utts_per_speaker=4,
+        min_seconds=2.0,
+        max_seconds=3.0,
+        num_noises=0,
+        num_rirs=0,
+        seed=0,
+    )
     corpus = simulate_corpus(tmp_path, config)
     wav_scp = read_table(corpus.corpus_dir / "files" / "test_wav.scp")
     utts = sorted(u for u in wav_scp if "_Device09_" not in u)
@@ -116,7 +146,9 @@ def test_speakers_are_separable_by_fbank_statistics(tmp_path):
     scores = stats @ stats.T
     row = {u: i for i, u in enumerate(utts)}
     for condition in ("device", "distance", "dialect"):
-        trials = (corpus.corpus_dir / "files" / f"trials_cross_{condition}").read_text().splitlines()
+        trials = (
+            (corpus.corpus_dir / "files" / f"trials_cross_{condition}").read_text().splitlines()
+        )
         trials = [line.split() for line in trials]
         target = [scores[row[a], row[b]] for a, b, label in trials if label == "target"]
         nontarget = [scores[row[a], row[b]] for a, b, label in trials if label == "nontarget"]
@@ -138,8 +170,13 @@ def test_device_and_distance_change_a_recording_more_than_a_second_take():
     rng = np.random.default_rng(0)
     speech = synthesize_speech(sample_voice(rng, 3), make_dialects(0)[3], 2.5, rng)
     devices = make_devices(0)
-    room = {"rt60": 0.4, "critical_distance": 1.0, "snr_close": 38.0, "noise_exponent": 1.0,
-            "hum": 0.2}
+    room = {
+        "rt60": 0.4,
+        "critical_distance": 1.0,
+        "snr_close": 38.0,
+        "noise_exponent": 1.0,
+        "hum": 0.2,
+    }
 
     def record(device: str, metres: float, seed: int) -> np.ndarray:
         take = np.random.default_rng(seed)
@@ -148,10 +185,10 @@ def test_device_and_distance_change_a_recording_more_than_a_second_take():
 
     reference = record("02", 0.25, 1)
     second_take = distance(reference, record("02", 0.25, 2))
-    assert distance(reference, record("07", 0.25, 3)) > 2 * second_take   # phone vs tablet
-    assert distance(reference, record("06", 0.25, 4)) > 2 * second_take   # PC microphone
-    assert distance(reference, record("02", 4.0, 5)) > 2 * second_take    # far away
-    assert distance(reference, record("02", 1.0, 6)) > second_take        # a little further
+    assert distance(reference, record("07", 0.25, 3)) > 2 * second_take  # phone vs tablet
+    assert distance(reference, record("06", 0.25, 4)) > 2 * second_take  # PC microphone
+    assert distance(reference, record("02", 4.0, 5)) > 2 * second_take  # far away
+    assert distance(reference, record("02", 1.0, 6)) > second_take  # a little further
 
 
 def test_a_speaker_sounds_less_alike_across_dialects():
@@ -160,11 +197,23 @@ def test_a_speaker_sounds_less_alike_across_dialects():
     within, across = [], []
     for native in (3, 7, 10, 12):
         voice = sample_voice(rng, native)
-        native_takes = [fbank_statistics(torch.from_numpy(
-            synthesize_speech(voice, dialects[native], 2.0, rng).astype(np.float32))) for _ in range(3)]
-        standard_takes = [fbank_statistics(torch.from_numpy(
-            synthesize_speech(voice, dialects[0], 2.0, rng).astype(np.float32))) for _ in range(3)]
-        within += [distance(a, b) for k, a in enumerate(native_takes) for b in native_takes[k + 1:]]
+        native_takes = [
+            fbank_statistics(
+                torch.from_numpy(
+                    synthesize_speech(voice, dialects[native], 2.0, rng).astype(np.float32)
+                )
+            )
+            for _ in range(3)
+        ]
+        standard_takes = [
+            fbank_statistics(
+                torch.from_numpy(synthesize_speech(voice, dialects[0], 2.0, rng).astype(np.float32))
+            )
+            for _ in range(3)
+        ]
+        within += [
+            distance(a, b) for k, a in enumerate(native_takes) for b in native_takes[k + 1 :]
+        ]
         across += [distance(a, b) for a in native_takes for b in standard_takes]
     assert np.mean(across) > np.mean(within)
     inventories = [d.vowels.shape[0] for d in dialects]

@@ -10,26 +10,44 @@ import torch
 from speakerlab.errors import CheckpointError
 from speakerlab.training import checkpointing
 from speakerlab.training.checkpointing import (
-    capture_rng_state, checkpoint_path, list_checkpoints, load_checkpoint, load_latest_checkpoint,
-    prune_checkpoints, restore_rng_state, save_checkpoint)
+    capture_rng_state,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest_checkpoint,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+)
 
 
 def training_state(step: int) -> dict:
-    return {"model": {"w": torch.full((3,), float(step))}, "classifier": {"weight": torch.ones(2, 3)},
-            "optimizer": {"state": {}, "param_groups": []}, "epoch": 0, "step": step,
-            "global_step": step, "rank_states": [{"rng": capture_rng_state(torch.device("cpu"))}],
-            "config": {"a": [1, 2.5, "x", None]}}
+    return {
+        "model": {"w": torch.full((3,), float(step))},
+        "classifier": {"weight": torch.ones(2, 3)},
+        "optimizer": {"state": {}, "param_groups": []},
+        "epoch": 0,
+        "step": step,
+        "global_step": step,
+        "rank_states": [{"rng": capture_rng_state(torch.device("cpu"))}],
+        "config": {"a": [1, 2.5, "x", None]},
+    }
 
 
 def test_round_trip_with_weights_only_and_newest_sorts_last(tmp_path):
     for step in (10, 2, 100):
         save_checkpoint(training_state(step), checkpoint_path(tmp_path, step))
     assert [p.name for p in list_checkpoints(tmp_path)] == [
-        "ckpt_000000002.pt", "ckpt_000000010.pt", "ckpt_000000100.pt"]
+        "ckpt_000000002.pt",
+        "ckpt_000000010.pt",
+        "ckpt_000000100.pt",
+    ]
     state = torch.load(checkpoint_path(tmp_path, 100), weights_only=True)
     assert state["step"] == 100 and state["config"]["a"] == [1, 2.5, "x", None]
     path, latest = load_latest_checkpoint(tmp_path)
-    assert path.name == "ckpt_000000100.pt" and torch.equal(latest["model"]["w"], torch.full((3,), 100.0))
+    assert path.name == "ckpt_000000100.pt" and torch.equal(
+        latest["model"]["w"], torch.full((3,), 100.0)
+    )
 
 
 def test_kill_during_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
@@ -53,7 +71,9 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 def test_overwriting_a_checkpoint_is_atomic(tmp_path, monkeypatch):
     path = checkpoint_path(tmp_path, 5)
     save_checkpoint(training_state(5), path)
-    monkeypatch.setattr(checkpointing.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk")))
+    monkeypatch.setattr(
+        checkpointing.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk"))
+    )
     with pytest.raises(OSError):
         save_checkpoint(training_state(6), path)
     monkeypatch.undo()
@@ -107,7 +127,9 @@ def test_init_source_is_a_file_an_experiment_folder_or_a_released_model_id(tmp_p
 
     save_checkpoint(training_state(4), checkpoint_path(tmp_path / "exp" / "checkpoints", 4))
     save_checkpoint(training_state(9), checkpoint_path(tmp_path / "exp" / "checkpoints", 9))
-    assert finetune.resolve_init_path(tmp_path / "exp") == checkpoint_path(tmp_path / "exp" / "checkpoints", 9)
+    assert finetune.resolve_init_path(tmp_path / "exp") == checkpoint_path(
+        tmp_path / "exp" / "checkpoints", 9
+    )
     single = checkpoint_path(tmp_path / "exp" / "checkpoints", 4)
     assert finetune.resolve_init_path(single) == single
     released = tmp_path / "eres2net_base_model.ckpt"

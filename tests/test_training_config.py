@@ -18,32 +18,68 @@ from speakerlab.training.trainer import Trainer, build_optimizer, model_spec, pl
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 ERES2NET = {
-    "model.name": "eres2net", "model.embedding_size": 192, "model.m_channels": 32,
-    "model.feat_dim": 80, "data.num_mel_bins": 80,
-    "data.crop_seconds": 3.0, "data.segment_seconds": 4.0, "data.speeds": [1.0, 0.9, 1.1],
-    "data.augment_prob": 0.8, "data.snr_db": [0.0, 15.0],
-    "loss.margin_type": "aam", "loss.scale": 32.0, "loss.num_classes": "auto",
-    "loss.margin.initial": 0.0, "loss.margin.final": 0.3,
-    "loss.margin.increase_start_epoch": 20, "loss.margin.fix_epoch": 50,
-    "optim.lr": 0.2, "optim.min_lr": 5e-5, "optim.warmup_epochs": 5, "optim.momentum": 0.9,
-    "optim.nesterov": True, "optim.weight_decay": 1e-4,
-    "trainer.epochs": 70, "trainer.batch_size": 256, "trainer.init_from": None,
+    "model.name": "eres2net",
+    "model.embedding_size": 192,
+    "model.m_channels": 32,
+    "model.feat_dim": 80,
+    "data.num_mel_bins": 80,
+    "data.crop_seconds": 3.0,
+    "data.segment_seconds": 4.0,
+    "data.speeds": [1.0, 0.9, 1.1],
+    "data.augment_prob": 0.8,
+    "data.snr_db": [0.0, 15.0],
+    "loss.margin_type": "aam",
+    "loss.scale": 32.0,
+    "loss.num_classes": "auto",
+    "loss.margin.initial": 0.0,
+    "loss.margin.final": 0.3,
+    "loss.margin.increase_start_epoch": 20,
+    "loss.margin.fix_epoch": 50,
+    "optim.lr": 0.2,
+    "optim.min_lr": 5e-5,
+    "optim.warmup_epochs": 5,
+    "optim.momentum": 0.9,
+    "optim.nesterov": True,
+    "optim.weight_decay": 1e-4,
+    "trainer.epochs": 70,
+    "trainer.batch_size": 256,
+    "trainer.init_from": None,
 }
 EXPERIMENTS = {
     "eres2net": ERES2NET,
     "eres2net_large": {**ERES2NET, "model.m_channels": 64},
-    "eres2net_lm": {**ERES2NET, "trainer.epochs": 7, "data.crop_seconds": 6.0, "data.speeds": [1.0],
-                    "loss.num_classes": "init", "optim.lr": 1e-4, "optim.min_lr": 2e-5,
-                    "optim.warmup_epochs": 1, "trainer.batch_size": 128,
-                    "loss.margin.initial": 0.5, "loss.margin.final": 0.5,
-                    "loss.margin.increase_start_epoch": 0, "loss.margin.fix_epoch": 0,
-                    "trainer.init_from": "exp/eres2net"},
-    "campplus": {**{k: v for k, v in ERES2NET.items() if k != "model.m_channels"},
-                 "model.name": "campplus", "model.embedding_size": 512, "trainer.epochs": 60,
-                 "optim.lr": 0.1, "optim.min_lr": 1e-4, "loss.margin.final": 0.2,
-                 "loss.margin.increase_start_epoch": 15, "loss.margin.fix_epoch": 25},
-    "ecapa_tdnn": {**{k: v for k, v in ERES2NET.items() if k != "model.m_channels"},
-                   "model.name": "ecapa_tdnn", "model.channels": [1024, 1024, 1024, 1024, 3072]},
+    "eres2net_lm": {
+        **ERES2NET,
+        "trainer.epochs": 7,
+        "data.crop_seconds": 6.0,
+        "data.speeds": [1.0],
+        "loss.num_classes": "init",
+        "optim.lr": 1e-4,
+        "optim.min_lr": 2e-5,
+        "optim.warmup_epochs": 1,
+        "trainer.batch_size": 128,
+        "loss.margin.initial": 0.5,
+        "loss.margin.final": 0.5,
+        "loss.margin.increase_start_epoch": 0,
+        "loss.margin.fix_epoch": 0,
+        "trainer.init_from": "exp/eres2net",
+    },
+    "campplus": {
+        **{k: v for k, v in ERES2NET.items() if k != "model.m_channels"},
+        "model.name": "campplus",
+        "model.embedding_size": 512,
+        "trainer.epochs": 60,
+        "optim.lr": 0.1,
+        "optim.min_lr": 1e-4,
+        "loss.margin.final": 0.2,
+        "loss.margin.increase_start_epoch": 15,
+        "loss.margin.fix_epoch": 25,
+    },
+    "ecapa_tdnn": {
+        **{k: v for k, v in ERES2NET.items() if k != "model.m_channels"},
+        "model.name": "ecapa_tdnn",
+        "model.channels": [1024, 1024, 1024, 1024, 3072],
+    },
 }
 # Parameter counts of the reference code (DESIGN.md section 5).
 PARAMETERS = {"eres2net": 6_610_688, "campplus": 7_176_224, "ecapa_tdnn": 20_767_552}
@@ -61,7 +97,9 @@ def test_experiment_values_match_the_reference_recipe(experiment):
     for key, expected in EXPERIMENTS[experiment].items():
         value = OmegaConf.select(cfg, key)
         value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-        assert value == pytest.approx(expected) if isinstance(expected, float) else value == expected, key
+        assert (
+            value == pytest.approx(expected) if isinstance(expected, float) else value == expected
+        ), key
 
 
 @pytest.mark.parametrize("experiment", sorted(PARAMETERS))
@@ -82,11 +120,23 @@ def test_missing_train_dir_is_a_clear_error():
 
 
 def test_overrides_reach_model_optimizer_and_data(mini_data, tmp_path):
-    cfg = plain_config(compose_config(
-        "experiment=eres2net", f"data.train_dir={mini_data.train_dir}", f"exp_dir={tmp_path}",
-        "optim.lr=0.1", "optim.momentum=0.5", "model.embedding_size=24", "model.m_channels=4",
-        "data.crop_seconds=1.5", "data.speeds=[1.0]", "data.num_workers=0",
-        "trainer.batch_size=4", "trainer.epochs=3", "optim.warmup_epochs=1"))
+    cfg = plain_config(
+        compose_config(
+            "experiment=eres2net",
+            f"data.train_dir={mini_data.train_dir}",
+            f"exp_dir={tmp_path}",
+            "optim.lr=0.1",
+            "optim.momentum=0.5",
+            "model.embedding_size=24",
+            "model.m_channels=4",
+            "data.crop_seconds=1.5",
+            "data.speeds=[1.0]",
+            "data.num_workers=0",
+            "trainer.batch_size=4",
+            "trainer.epochs=3",
+            "optim.warmup_epochs=1",
+        )
+    )
     monitor = TrainingMonitor(tmp_path, enabled=False)
     try:
         trainer = Trainer.create(cfg, DistContext(0, 1, 0, torch.device("cpu")), monitor)
@@ -111,9 +161,21 @@ def test_config_dir_adds_experiments_on_the_command_line(tmp_path, monkeypatch, 
 
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "mine.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - eres2net\nname: mine\ntrainer:\n  epochs: 3\n")
-    monkeypatch.setattr("sys.argv", ["speakerlab", "train", "--config-dir", str(tmp_path),
-                                     "experiment=mine", "optim.lr=0.05", "--cfg", "job"])
+        "# @package _global_\ndefaults:\n  - eres2net\nname: mine\ntrainer:\n  epochs: 3\n"
+    )
+    monkeypatch.setattr(
+        "sys.argv",
+        [
+            "speakerlab",
+            "train",
+            "--config-dir",
+            str(tmp_path),
+            "experiment=mine",
+            "optim.lr=0.05",
+            "--cfg",
+            "job",
+        ],
+    )
     cli_main()
     printed = OmegaConf.create(capsys.readouterr().out)
     assert printed.name == "mine" and printed.trainer.epochs == 3 and printed.optim.lr == 0.05

@@ -5,11 +5,25 @@ import torch
 
 from speakerlab.errors import ConfigError, DataError
 from speakerlab.training.distributed import (
-    DistContext, EveryRankError, RankEnv, choose_device, error_report, init_distributed,
-    local_batch_size, read_rank_env, run_on_every_rank)
+    DistContext,
+    EveryRankError,
+    RankEnv,
+    choose_device,
+    error_report,
+    init_distributed,
+    local_batch_size,
+    read_rank_env,
+    run_on_every_rank,
+)
 
-FULL_ENV = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
+FULL_ENV = {
+    "RANK": "3",
+    "WORLD_SIZE": "8",
+    "LOCAL_RANK": "1",
+    "LOCAL_WORLD_SIZE": "2",
+    "MASTER_ADDR": "node0",
+    "MASTER_PORT": "29500",
+}
 
 
 def test_no_torchrun_variables_means_one_process():
@@ -17,7 +31,9 @@ def test_no_torchrun_variables_means_one_process():
 
 
 def test_full_torchrun_environment_is_read():
-    assert read_rank_env(FULL_ENV) == RankEnv(rank=3, world_size=8, local_rank=1, local_world_size=2)
+    assert read_rank_env(FULL_ENV) == RankEnv(
+        rank=3, world_size=8, local_rank=1, local_world_size=2
+    )
 
 
 def test_partial_environment_names_what_is_missing():
@@ -27,9 +43,14 @@ def test_partial_environment_names_what_is_missing():
     assert "LOCAL_RANK, MASTER_ADDR, MASTER_PORT missing" in message and "torchrun" in message
 
 
-@pytest.mark.parametrize("change, match", [({"RANK": "x"}, "RANK='x' is not an integer"),
-                                           ({"RANK": "8"}, "outside the job"),
-                                           ({"LOCAL_RANK": "2"}, "LOCAL_RANK=2 is outside")])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"RANK": "x"}, "RANK='x' is not an integer"),
+        ({"RANK": "8"}, "outside the job"),
+        ({"LOCAL_RANK": "2"}, "LOCAL_RANK=2 is outside"),
+    ],
+)
 def test_inconsistent_environment(change, match):
     with pytest.raises(ConfigError, match=match):
         read_rank_env({**FULL_ENV, **change})
@@ -78,11 +99,16 @@ def test_run_on_every_rank_single_process_keeps_the_error():
 
 def test_error_report_once_per_node_or_by_the_failing_rank():
     every = EveryRankError("trainer.batch_size=9 does not divide")
-    assert error_report(every, {**FULL_ENV, "LOCAL_RANK": "0"}) == "trainer.batch_size=9 does not divide"
+    assert (
+        error_report(every, {**FULL_ENV, "LOCAL_RANK": "0"})
+        == "trainer.batch_size=9 does not divide"
+    )
     assert error_report(every, FULL_ENV) is None  # local rank 1 stays quiet
     assert error_report(DataError("a.wav: empty"), FULL_ENV) == "[rank 3] a.wav: empty"
     assert error_report(DataError("a.wav: empty"), {}) == "a.wav: empty"
-    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback "
-                        "(most recent call last):\n  File \"x.py\", line 1\n"
-                        "speakerlab.errors.DataError: a.wav: empty\n")
+    wrapped = DataError(
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback "
+        '(most recent call last):\n  File "x.py", line 1\n'
+        "speakerlab.errors.DataError: a.wav: empty\n"
+    )
     assert error_report(wrapped, {}) == "a.wav: empty"

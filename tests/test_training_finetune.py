@@ -11,8 +11,13 @@ from speakerlab.models import build_model
 from speakerlab.training.finetune import InitSource, apply_init_source, classifier_width
 from speakerlab.training.losses import CosineClassifier
 
-ECAPA = dict(feat_dim=80, embedding_size=8, channels=[16, 16, 16, 16, 48], attention_channels=8,
-             se_channels=8)
+ECAPA = dict(
+    feat_dim=80,
+    embedding_size=8,
+    channels=[16, 16, 16, 16, 48],
+    attention_channels=8,
+    se_channels=8,
+)
 
 
 def source(classes: int | None, name: str | None = "ecapa_tdnn") -> InitSource:
@@ -30,7 +35,9 @@ def test_classifier_width_choices():
         classifier_width("init", 12, source(None))
     with pytest.raises(ConfigError, match="no trainer.init_from"):
         classifier_width("init", 12, None)
-    with pytest.raises(ConfigError, match="the classifier has 10 classes but the training data has 12"):
+    with pytest.raises(
+        ConfigError, match="the classifier has 10 classes but the training data has 12"
+    ):
         classifier_width(10, 12, None)
     with pytest.raises(ConfigError, match="use auto, init or a positive integer"):
         classifier_width("many", 12, None)
@@ -54,13 +61,21 @@ def test_other_class_count_keeps_fresh_classifier(caplog):
     with caplog.at_level(logging.WARNING):
         apply_init_source(source(36), "ecapa_tdnn", model, head)
     assert torch.equal(head.weight, fresh)
-    assert "has 36 classes but this run needs 12, so the classifier is re-initialised" in caplog.text
+    assert (
+        "has 36 classes but this run needs 12, so the classifier is re-initialised" in caplog.text
+    )
 
 
 def test_wrong_model_is_a_clear_error():
-    with pytest.raises(CheckpointError, match="holds a ecapa_tdnn model but this run trains eres2net"):
-        apply_init_source(source(12), "eres2net", build_model("eres2net", m_channels=4,
-                                                              embedding_size=8), CosineClassifier(8, 12))
+    with pytest.raises(
+        CheckpointError, match="holds a ecapa_tdnn model but this run trains eres2net"
+    ):
+        apply_init_source(
+            source(12),
+            "eres2net",
+            build_model("eres2net", m_channels=4, embedding_size=8),
+            CosineClassifier(8, 12),
+        )
     # a released file records no name: the strict load lists what does not fit
     with pytest.raises(CheckpointError, match="shape mismatch"):
         wider = build_model("ecapa_tdnn", **{**ECAPA, "embedding_size": 16})

@@ -17,8 +17,9 @@ def test_cosine_classifier_outputs_cosines_and_xavier_init():
     assert head.weight.abs().max() <= bound
     assert head.weight.std() > bound / 3  # spread over the interval, not near zero
     embeddings = torch.randn(5, 16) * 7.0  # scale must not matter
-    expected = torch.stack([torch.stack([F.cosine_similarity(e, w, dim=0) for w in head.weight])
-                            for e in embeddings])
+    expected = torch.stack(
+        [torch.stack([F.cosine_similarity(e, w, dim=0) for w in head.weight]) for e in embeddings]
+    )
     torch.testing.assert_close(head(embeddings), expected, atol=1e-6, rtol=1e-5)
     assert head.num_classes == 40
 
@@ -57,7 +58,8 @@ def test_easy_margin_keeps_negative_cosines():
     loss_fn = MarginSoftmaxLoss("aam", scale=32.0, margin=0.3, easy_margin=True)
     cos = cosines_with_target(-0.4)
     assert loss_fn(cos, torch.tensor([2])).item() == pytest.approx(
-        F.cross_entropy(32.0 * cos, torch.tensor([2])).item(), rel=1e-6)
+        F.cross_entropy(32.0 * cos, torch.tensor([2])).item(), rel=1e-6
+    )
 
 
 def test_am_subtracts_margin_from_target_only():

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import run_bounded
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchrun_train import with_nan_on_second_batch
 
 from speakerlab.cli import main as cli_main
 from speakerlab.data.index import load_train_index
@@ -26,30 +28,60 @@ from speakerlab.data.sampler import DistributedResumableSampler
 from speakerlab.models.checkpoint import load_embedding_model
 from speakerlab.training import trainer as trainer_module
 from speakerlab.training.checkpointing import list_checkpoints
-from processes import run_bounded
-from torchrun_train import with_nan_on_second_batch
 
 REPO = Path(__file__).resolve().parents[1]
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                      "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+TORCHRUN_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "TORCHELASTIC_RUN_ID",
+)
 
 # A tiny ECAPA-TDNN learns the 12 mini-corpus speakers within a few epochs.
-LEARNING = ["model=ecapa_tdnn", "model.embedding_size=32", "model.channels=[64,64,64,64,192]",
-            "model.attention_channels=16", "model.se_channels=16", "data.crop_seconds=1.5",
-            "data.speeds=[1.0]", "data.augment_prob=0", "trainer.epochs=6", "optim.lr=0.1"]
+LEARNING = [
+    "model=ecapa_tdnn",
+    "model.embedding_size=32",
+    "model.channels=[64,64,64,64,192]",
+    "model.attention_channels=16",
+    "model.se_channels=16",
+    "data.crop_seconds=1.5",
+    "data.speeds=[1.0]",
+    "data.augment_prob=0",
+    "trainer.epochs=6",
+    "optim.lr=0.1",
+]
 LEARNING_EPOCHS = 6
 # A tiny ERes2Net with the full data pipeline (speed perturbation: 36 classes, augmentation).
-ERES2NET = ["experiment=eres2net", "model.m_channels=4", "model.embedding_size=16",
-            "data.crop_seconds=0.5", "trainer.epochs=2"]
+ERES2NET = [
+    "experiment=eres2net",
+    "model.m_channels=4",
+    "model.embedding_size=16",
+    "data.crop_seconds=0.5",
+    "trainer.epochs=2",
+]
 
 
 def overrides(mini_data, exp_dir: Path, *extra: str) -> list[str]:
     """Data, a deterministic single-thread CPU run, batch 8, quiet console; then ``extra``."""
-    return [f"data.train_dir={mini_data.train_dir}", f"data.noise_list={mini_data.noise_list}",
-            f"data.rir_list={mini_data.rir_list}", f"exp_dir={exp_dir}", "data.num_workers=0",
-            "trainer.batch_size=8", "optim.warmup_epochs=1", "trainer.device=cpu",
-            "trainer.num_threads=1", "trainer.deterministic=true", "trainer.progress_bar=false",
-            *extra]
+    return [
+        f"data.train_dir={mini_data.train_dir}",
+        f"data.noise_list={mini_data.noise_list}",
+        f"data.rir_list={mini_data.rir_list}",
+        f"exp_dir={exp_dir}",
+        "data.num_workers=0",
+        "trainer.batch_size=8",
+        "optim.warmup_epochs=1",
+        "trainer.device=cpu",
+        "trainer.num_threads=1",
+        "trainer.deterministic=true",
+        "trainer.progress_bar=false",
+        *extra,
+    ]
 
 
 def train_in_process(args: list[str]) -> int:
@@ -122,8 +154,15 @@ def test_short_run_learns_and_reports(learned_run):
     events = EventAccumulator(str(learned_run / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/accuracy", "train/lr", "train/margin",
-            "train/samples_per_second", "train/data_wait_fraction", "epoch/loss"} <= tags
+    assert {
+        "train/loss",
+        "train/accuracy",
+        "train/lr",
+        "train/margin",
+        "train/samples_per_second",
+        "train/data_wait_fraction",
+        "epoch/loss",
+    } <= tags
     saved = (learned_run / "config.yaml").read_text()
     assert "name: ecapa_tdnn" in saved and "- 64" in saved and "lr: 0.1" in saved
 
@@ -139,15 +178,18 @@ def test_short_run_learns_and_reports(learned_run):
 
 def test_export_writes_the_released_layout(learned_run, tmp_path, monkeypatch):
     out = tmp_path / "model.ckpt"
-    monkeypatch.setattr(sys, "argv", ["speakerlab", "export", "--checkpoint", str(learned_run),
-                                      "--out", str(out)])
+    monkeypatch.setattr(
+        sys, "argv", ["speakerlab", "export", "--checkpoint", str(learned_run), "--out", str(out)]
+    )
     cli_main()
     plain = torch.load(out, weights_only=True)
     trained = final_checkpoint(learned_run)["model"]
     assert set(plain) == set(trained) and all(torch.equal(plain[k], trained[k]) for k in plain)
     # inference infers the architecture from the plain file and matches the checkpoint's model
-    ours, theirs = load_embedding_model(out), load_embedding_model(list_checkpoints(
-        learned_run / "checkpoints")[-1])
+    ours, theirs = (
+        load_embedding_model(out),
+        load_embedding_model(list_checkpoints(learned_run / "checkpoints")[-1]),
+    )
     features = torch.randn(2, 120, 80)
     with torch.no_grad():
         assert torch.equal(ours(features), theirs(features))
@@ -161,11 +203,16 @@ def test_kill_at_any_moment_and_restart_gives_identical_weights(mini_data, eres2
     exp_dir = tmp_path / "killed"
     steps_per_epoch = index_rows(eres2net_run) // 8
     # The same command both times; checkpoints every 3 iterations, data from a worker process.
-    args = overrides(mini_data, exp_dir, *ERES2NET, "trainer.save_every_steps=3",
-                     "data.num_workers=1")
-    process = subprocess.Popen([sys.executable, "-m", "speakerlab", "train", *args], cwd=REPO,
-                               env=clean_environment(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    args = overrides(
+        mini_data, exp_dir, *ERES2NET, "trainer.save_every_steps=3", "data.num_workers=1"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "speakerlab", "train", *args],
+        cwd=REPO,
+        env=clean_environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and process.poll() is None:
@@ -177,7 +224,9 @@ def test_kill_at_any_moment_and_restart_gives_identical_weights(mini_data, eres2
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    interrupted_at = max(int(p.stem.split("_")[1]) for p in list_checkpoints(exp_dir / "checkpoints"))
+    interrupted_at = max(
+        int(p.stem.split("_")[1]) for p in list_checkpoints(exp_dir / "checkpoints")
+    )
     assert interrupted_at < 2 * steps_per_epoch
 
     assert train_in_process(args) == 0
@@ -187,8 +236,10 @@ def test_kill_at_any_moment_and_restart_gives_identical_weights(mini_data, eres2
     for part in ("model", "classifier"):
         assert all(torch.equal(resumed[part][k], reference[part][k]) for k in reference[part]), part
     momentum = [s["momentum_buffer"] for s in reference["optimizer"]["state"].values()]
-    assert all(torch.equal(a["momentum_buffer"], b) for a, b in
-               zip(resumed["optimizer"]["state"].values(), momentum))
+    assert all(
+        torch.equal(a["momentum_buffer"], b)
+        for a, b in zip(resumed["optimizer"]["state"].values(), momentum)
+    )
     assert history(exp_dir) == history(eres2net_run)
 
 
@@ -197,15 +248,24 @@ def test_kill_at_any_moment_and_restart_gives_identical_weights(mini_data, eres2
 
 def frozen(*extra: str) -> list[str]:
     """One iteration at learning rate 0: the weights stay those the run started from."""
-    return ["trainer.epochs=1", "trainer.max_steps_per_epoch=1", "optim.lr=0", "optim.min_lr=0",
-            "optim.weight_decay=0", *extra]
+    return [
+        "trainer.epochs=1",
+        "trainer.max_steps_per_epoch=1",
+        "optim.lr=0",
+        "optim.min_lr=0",
+        "optim.weight_decay=0",
+        *extra,
+    ]
 
 
 def test_finetune_from_an_experiment_keeps_model_and_classifier(mini_data, learned_run, tmp_path):
     exp_dir = tmp_path / "ft"
     args = overrides(mini_data, exp_dir, *LEARNING, *frozen(f"trainer.init_from={learned_run}"))
     assert train_in_process(args) == 0
-    assert "initialised embedding model and classifier (12 classes)" in (exp_dir / "train.log").read_text()
+    assert (
+        "initialised embedding model and classifier (12 classes)"
+        in (exp_dir / "train.log").read_text()
+    )
     source, tuned = final_checkpoint(learned_run), final_checkpoint(exp_dir)
     assert same_parameters(source["model"], tuned["model"])
     assert torch.equal(source["classifier"]["weight"], tuned["classifier"]["weight"])
@@ -214,46 +274,77 @@ def test_finetune_from_an_experiment_keeps_model_and_classifier(mini_data, learn
 
 def test_large_margin_finetune_keeps_the_3n_classes(mini_data, eres2net_run, tmp_path):
     exp_dir = tmp_path / "lm"
-    args = overrides(mini_data, exp_dir, "experiment=eres2net_lm", "model.m_channels=4",
-                     "model.embedding_size=16", "data.crop_seconds=0.5",
-                     *frozen(f"trainer.init_from={eres2net_run}"))
+    args = overrides(
+        mini_data,
+        exp_dir,
+        "experiment=eres2net_lm",
+        "model.m_channels=4",
+        "model.embedding_size=16",
+        "data.crop_seconds=0.5",
+        *frozen(f"trainer.init_from={eres2net_run}"),
+    )
     assert train_in_process(args) == 0
     source, tuned = final_checkpoint(eres2net_run), final_checkpoint(exp_dir)
     assert source["classifier"]["weight"].shape == (36, 16)  # 12 speakers x 3 speeds
     assert torch.equal(tuned["classifier"]["weight"], source["classifier"]["weight"])
     assert same_parameters(source["model"], tuned["model"])
-    assert tuned["config"]["data"]["speeds"] == [1.0] and tuned["config"]["data"]["crop_seconds"] == 0.5
+    assert (
+        tuned["config"]["data"]["speeds"] == [1.0]
+        and tuned["config"]["data"]["crop_seconds"] == 0.5
+    )
     assert "margin 0.500" in (exp_dir / "train.log").read_text()
 
 
 def test_finetune_from_a_released_checkpoint_initialises_the_classifier(
-        mini_data, learned_run, tmp_path, monkeypatch):
+    mini_data, learned_run, tmp_path, monkeypatch
+):
     released = tmp_path / "released.ckpt"
-    monkeypatch.setattr(sys, "argv", ["speakerlab", "export", "--checkpoint", str(learned_run),
-                                      "--out", str(released)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["speakerlab", "export", "--checkpoint", str(learned_run), "--out", str(released)],
+    )
     cli_main()
     exp_dir = tmp_path / "ft"
-    assert train_in_process(overrides(mini_data, exp_dir, *LEARNING,
-                                      *frozen(f"trainer.init_from={released}"))) == 0
-    assert ("it has no classifier, so the classifier (12 classes) is newly initialised"
-            in (exp_dir / "train.log").read_text())
-    assert same_parameters(torch.load(released, weights_only=True), final_checkpoint(exp_dir)["model"])
+    assert (
+        train_in_process(
+            overrides(mini_data, exp_dir, *LEARNING, *frozen(f"trainer.init_from={released}"))
+        )
+        == 0
+    )
+    assert (
+        "it has no classifier, so the classifier (12 classes) is newly initialised"
+        in (exp_dir / "train.log").read_text()
+    )
+    assert same_parameters(
+        torch.load(released, weights_only=True), final_checkpoint(exp_dir)["model"]
+    )
 
 
 def test_finetune_with_another_class_count_reinitialises_the_classifier(
-        mini_data, eres2net_run, tmp_path):
+    mini_data, eres2net_run, tmp_path
+):
     exp_dir = tmp_path / "ft"
-    args = overrides(mini_data, exp_dir, *ERES2NET, "data.speeds=[1.0]",
-                     *frozen(f"trainer.init_from={eres2net_run}"))
+    args = overrides(
+        mini_data,
+        exp_dir,
+        *ERES2NET,
+        "data.speeds=[1.0]",
+        *frozen(f"trainer.init_from={eres2net_run}"),
+    )
     assert train_in_process(args) == 0
-    assert ("its classifier has 36 classes but this run needs 12, so the classifier is "
-            "re-initialised" in (exp_dir / "train.log").read_text())
+    assert (
+        "its classifier has 36 classes but this run needs 12, so the classifier is "
+        "re-initialised" in (exp_dir / "train.log").read_text()
+    )
     tuned = final_checkpoint(exp_dir)
     assert tuned["classifier"]["weight"].shape == (12, 16)
     assert same_parameters(final_checkpoint(eres2net_run)["model"], tuned["model"])
 
 
-def test_finetune_from_another_architecture_is_a_clear_error(mini_data, learned_run, tmp_path, capsys):
+def test_finetune_from_another_architecture_is_a_clear_error(
+    mini_data, learned_run, tmp_path, capsys
+):
     args = overrides(mini_data, tmp_path / "ft", *ERES2NET, f"trainer.init_from={learned_run}")
     assert train_in_process(args) == 1
     err = capsys.readouterr().err
@@ -265,17 +356,24 @@ def test_finetune_from_another_architecture_is_a_clear_error(mini_data, learned_
 
 @pytest.fixture
 def nan_on_second_batch(monkeypatch):
-    monkeypatch.setattr(trainer_module, "build_model",
-                        with_nan_on_second_batch(trainer_module.build_model, "0"))
+    monkeypatch.setattr(
+        trainer_module, "build_model", with_nan_on_second_batch(trainer_module.build_model, "0")
+    )
 
 
-def test_nonfinite_loss_stops_naming_step_and_batch(mini_data, tmp_path, nan_on_second_batch, capsys):
+def test_nonfinite_loss_stops_naming_step_and_batch(
+    mini_data, tmp_path, nan_on_second_batch, capsys
+):
     exp_dir = tmp_path / "nan"
-    args = overrides(mini_data, exp_dir, *ERES2NET, "trainer.epochs=1", "trainer.max_steps_per_epoch=3")
+    args = overrides(
+        mini_data, exp_dir, *ERES2NET, "trainer.epochs=1", "trainer.max_steps_per_epoch=3"
+    )
     assert train_in_process(args) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("speakerlab train: error: non-finite loss at epoch 1, iteration 2/3 "
-                          "(global step 2): rank 0: loss nan on items ")
+    assert err.startswith(
+        "speakerlab train: error: non-finite loss at epoch 1, iteration 2/3 "
+        "(global step 2): rank 0: loss nan on items "
+    )
     # the items named are those of the second batch of epoch 0
     utts = load_train_index(exp_dir / "train_index.tsv").utts
     sampler = DistributedResumableSampler(len(utts), seed=42)
@@ -285,8 +383,14 @@ def test_nonfinite_loss_stops_naming_step_and_batch(mini_data, tmp_path, nan_on_
 
 def test_nonfinite_loss_can_skip_the_batch(mini_data, tmp_path, nan_on_second_batch):
     exp_dir = tmp_path / "nan"
-    args = overrides(mini_data, exp_dir, *ERES2NET, "trainer.epochs=1", "trainer.max_steps_per_epoch=3",
-                     "trainer.skip_nonfinite=true")
+    args = overrides(
+        mini_data,
+        exp_dir,
+        *ERES2NET,
+        "trainer.epochs=1",
+        "trainer.max_steps_per_epoch=3",
+        "trainer.skip_nonfinite=true",
+    )
     assert train_in_process(args) == 0
     assert history(exp_dir)[0]["skipped_batches"] == 1 and history(exp_dir)[0]["items"] == 16
     assert "non-finite loss at epoch 1, iteration 2/3" in (exp_dir / "train.log").read_text()
@@ -297,11 +401,21 @@ def test_nonfinite_loss_can_skip_the_batch(mini_data, tmp_path, nan_on_second_ba
 # ------------------------------------------------------------------------------ distributed
 
 
-def torchrun(args: list[str], target: tuple[str, ...] = ("-m", "speakerlab", "train"),
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def torchrun(
+    args: list[str],
+    target: tuple[str, ...] = ("-m", "speakerlab", "train"),
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """``TARGET ARGS`` as two torchrun processes, run from the repository."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               *target, *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        *target,
+        *args,
+    ]
     return run_bounded(command, timeout=300, cwd=REPO, env=env or clean_environment())
 
 
@@ -339,7 +453,8 @@ def test_batch_that_does_not_divide_is_one_message_from_two_ranks(mini_data, tmp
     # only local rank 0 prints the error both ranks met
     assert (tmp_path / "0.err").read_text().splitlines() == [
         "speakerlab train: error: trainer.batch_size=9 (the global batch) does not divide over 2 "
-        "processes; choose a multiple of 2 or change --nproc_per_node"]
+        "processes; choose a multiple of 2 or change --nproc_per_node"
+    ]
     assert (tmp_path / "1.err").read_text() == ""  # no second copy, no traceback
 
 
@@ -352,7 +467,8 @@ def test_partial_rank_environment_is_one_clear_line(mini_data, tmp_path, monkeyp
         "speakerlab train: error: incomplete distributed environment: RANK set but WORLD_SIZE, "
         "LOCAL_RANK, MASTER_ADDR, MASTER_PORT missing. Launch multi-process training with torchrun "
         "(torchrun --nproc_per_node=N -m speakerlab train ...), or unset RANK to train in one "
-        "process.\n")
+        "process.\n"
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -361,13 +477,16 @@ def test_gpu_asked_for_without_one_is_one_clear_line(mini_data, tmp_path, capsys
     assert train_in_process(args) == 1
     assert capsys.readouterr().err == (
         "speakerlab train: error: trainer.device=cuda but no GPU is visible to PyTorch "
-        "(torch.cuda.is_available() is False); use trainer.device=cpu or auto\n")
+        "(torch.cuda.is_available() is False); use trainer.device=cpu or auto\n"
+    )
 
 
 def test_missing_train_dir_is_one_clear_line(tmp_path, capsys):
     assert train_in_process([f"exp_dir={tmp_path}", "experiment=eres2net"]) == 1
-    assert capsys.readouterr().err == ("speakerlab train: error: data.train_dir must be set "
-                                       "(add data.train_dir=... to the command)\n")
+    assert capsys.readouterr().err == (
+        "speakerlab train: error: data.train_dir must be set "
+        "(add data.train_dir=... to the command)\n"
+    )
 
 
 # ------------------------------------------------------------------------------ options
@@ -376,12 +495,23 @@ def test_missing_train_dir_is_one_clear_line(tmp_path, capsys):
 def test_bf16_autocast_on_cpu_and_checkpoints_by_the_minute(mini_data, tmp_path):
     exp_dir = tmp_path / "bf16"
     # a tiny minute interval: the clock asks for a checkpoint after every iteration
-    args = overrides(mini_data, exp_dir, *ERES2NET, "trainer.epochs=1", "trainer.max_steps_per_epoch=3",
-                     "trainer.precision=bf16", "trainer.save_every_minutes=1e-6",
-                     "trainer.save_every_epochs=0", "trainer.keep_last=10")
+    args = overrides(
+        mini_data,
+        exp_dir,
+        *ERES2NET,
+        "trainer.epochs=1",
+        "trainer.max_steps_per_epoch=3",
+        "trainer.precision=bf16",
+        "trainer.save_every_minutes=1e-6",
+        "trainer.save_every_epochs=0",
+        "trainer.keep_last=10",
+    )
     assert train_in_process(args) == 0
     assert [p.name for p in list_checkpoints(exp_dir / "checkpoints")] == [
-        "ckpt_000000001.pt", "ckpt_000000002.pt", "ckpt_000000003.pt"]
+        "ckpt_000000001.pt",
+        "ckpt_000000002.pt",
+        "ckpt_000000003.pt",
+    ]
     assert "precision bf16" in (exp_dir / "train.log").read_text()
     assert torch.isfinite(torch.tensor(history(exp_dir)[0]["loss"]))
 
@@ -390,17 +520,22 @@ def test_fp16_without_gpu_is_a_clear_error(mini_data, tmp_path, capsys):
     args = overrides(mini_data, tmp_path / "x", *ERES2NET, "trainer.precision=fp16")
     assert train_in_process(args) == 1
     assert capsys.readouterr().err.endswith(
-        "speakerlab train: error: trainer.precision=fp16 needs a GPU; use bf16 or fp32 on CPU\n")
+        "speakerlab train: error: trainer.precision=fp16 needs a GPU; use bf16 or fp32 on CPU\n"
+    )
 
 
 def test_finished_run_started_again_does_nothing(mini_data, learned_run, capsys):
     before = list_checkpoints(learned_run / "checkpoints")
     assert train_in_process(overrides(mini_data, learned_run, *LEARNING)) == 0
     assert list_checkpoints(learned_run / "checkpoints") == before
-    assert f"training was already complete ({LEARNING_EPOCHS} epochs)" in (
-        learned_run / "train.log").read_text()
+    assert (
+        f"training was already complete ({LEARNING_EPOCHS} epochs)"
+        in (learned_run / "train.log").read_text()
+    )
     # not resuming must not mix a new run into the old one's checkpoints
-    assert train_in_process(overrides(mini_data, learned_run, *LEARNING, "trainer.resume=false")) == 1
+    assert (
+        train_in_process(overrides(mini_data, learned_run, *LEARNING, "trainer.resume=false")) == 1
+    )
     assert "holds checkpoints of an earlier run and trainer.resume=false" in capsys.readouterr().err
     assert list_checkpoints(learned_run / "checkpoints") == before
 
@@ -409,17 +544,27 @@ def test_finished_run_started_again_does_nothing(mini_data, learned_run, capsys)
 @pytest.mark.parametrize("skip", [False, True])
 def test_nonfinite_loss_on_one_rank_stops_or_skips_both(mini_data, tmp_path, skip):
     exp_dir = tmp_path / "ddp"
-    args = overrides(mini_data, exp_dir, *ERES2NET, "trainer.epochs=1",
-                     "trainer.max_steps_per_epoch=3", f"trainer.skip_nonfinite={str(skip).lower()}")
+    args = overrides(
+        mini_data,
+        exp_dir,
+        *ERES2NET,
+        "trainer.epochs=1",
+        "trainer.max_steps_per_epoch=3",
+        f"trainer.skip_nonfinite={str(skip).lower()}",
+    )
     codes = run_two_ranks(args, tmp_path, nan_rank="1")
     rank0, rank1 = (tmp_path / "0.err").read_text(), (tmp_path / "1.err").read_text()
     assert rank1 == ""
     if skip:  # both ranks skipped the same iteration and went on in step
         assert codes == [0, 0]
         assert history(exp_dir)[0]["skipped_batches"] == 1 and history(exp_dir)[0]["items"] == 16
-        assert "non-finite loss at epoch 1, iteration 2/3 (global step 2), batch skipped (rank 1: " in rank0
+        assert (
+            "non-finite loss at epoch 1, iteration 2/3 (global step 2), batch skipped (rank 1: "
+            in rank0
+        )
     else:
         assert codes == [1, 1]
         assert rank0.splitlines()[-1].startswith(
             "speakerlab train: error: non-finite loss at epoch 1, iteration 2/3 (global step 2): "
-            "rank 1: loss nan on items ")
+            "rank 1: loss nan on items "
+        )

@@ -39,7 +39,7 @@ def test_margin_ramp_follows_reference_formula():
     margin = MarginSchedule(initial=0.0, final=0.3, increase_start_epoch=20, fix_epoch=50)
     assert margin(0.0) == 0.0 and margin(19.99) == 0.0
     assert margin(20.0) == pytest.approx(0.0)
-    assert margin(35.0) == pytest.approx(0.3 * (1 - 0.001 ** 0.5))
+    assert margin(35.0) == pytest.approx(0.3 * (1 - 0.001**0.5))
     assert margin(49.999) == pytest.approx(0.3 * 0.999, rel=1e-3)
     assert margin(50.0) == 0.3 and margin(70.0) == 0.3
     values = [margin(20 + i * 0.1) for i in range(300)]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -34,8 +34,9 @@ class NaNOnSecondBatch(nn.Module):
         return out
 
 
-def with_nan_on_second_batch(build_model: Callable[..., nn.Module],
-                             rank: str) -> Callable[..., nn.Module]:
+def with_nan_on_second_batch(
+    build_model: Callable[..., nn.Module], rank: str
+) -> Callable[..., nn.Module]:
     """``build_model`` whose models return NaN on their second forward pass on rank ``rank``."""
     return lambda *args, **kwargs: NaNOnSecondBatch(build_model(*args, **kwargs), rank)
 

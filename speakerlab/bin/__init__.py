@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from speakerlab.errors import SpeakerlabError
 
@@ -13,6 +13,7 @@ def exits_on_error(command: str) -> Callable[[Callable[..., None]], Callable[...
     """Decorate a subcommand's ``main``: a :class:`SpeakerlabError` (bad input, missing file, ...)
     ends the command with one line ``speakerlab <command>: error: <message>`` and exit status 1
     instead of a traceback."""
+
     def decorate(main: Callable[..., None]) -> Callable[..., None]:
         @functools.wraps(main)
         def wrapped(*args, **kwargs) -> None:
@@ -21,5 +22,7 @@ def exits_on_error(command: str) -> Callable[[Callable[..., None]], Callable[...
             except SpeakerlabError as err:
                 print(f"speakerlab {command}: error: {err}", file=sys.stderr)
                 sys.exit(1)
+
         return wrapped
+
     return decorate

@@ -22,13 +22,19 @@ _CHUNK = 64  # recordings read into memory at a time
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="speakerlab embed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="speakerlab embed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("files", nargs="*", help="audio files to embed")
     parser.add_argument("--wav-scp", help="embed the recordings of this 'utt path' list instead")
     parser.add_argument("--out-dir", required=True, help="where embedding.{ark,scp} go")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="registry id, checkpoint file or .onnx file (default %(default)s)")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="registry id, checkpoint file or .onnx file (default %(default)s)",
+    )
     parser.add_argument("--normalize", action="store_true", help="write unit-length embeddings")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     return parser.parse_args(argv)
@@ -44,8 +50,10 @@ def recordings(args: argparse.Namespace) -> dict[str, str]:
     for path in args.files:
         key = Path(path).stem
         if key in table:
-            raise ConfigError(f"{table[key]} and {path} would both be called {key!r}; "
-                              "give them ids with a wav.scp")
+            raise ConfigError(
+                f"{table[key]} and {path} would both be called {key!r}; "
+                "give them ids with a wav.scp"
+            )
         table[key] = path
     return table
 
@@ -59,7 +67,7 @@ def run(args: argparse.Namespace) -> None:
     keys = list(table)
     with kaldiio.WriteHelper(f"ark,scp:{ark},{scp}") as writer:
         for start in range(0, len(keys), _CHUNK):
-            chunk = keys[start:start + _CHUNK]
+            chunk = keys[start : start + _CHUNK]
             matrix = verifier.embed_many([table[k] for k in chunk], normalize=args.normalize)
             for key, vector in zip(chunk, matrix):
                 writer(key, vector)

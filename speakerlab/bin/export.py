@@ -31,9 +31,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="speakerlab export",
         description="Export the embedding model of a training checkpoint as a plain state_dict "
-                    "(the released checkpoint layout).")
-    parser.add_argument("--checkpoint", required=True,
-                        help="training checkpoint file, or an experiment folder (newest checkpoint)")
+        "(the released checkpoint layout).",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="training checkpoint file, or an experiment folder (newest checkpoint)",
+    )
     parser.add_argument("--out", required=True, help="output file, e.g. exp/eres2net/model.ckpt")
     args = parser.parse_args(argv)
     name, kwargs = export_embedding_model(args.checkpoint, args.out)

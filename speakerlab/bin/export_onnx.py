@@ -18,14 +18,19 @@ MIN_COSINE = 0.9999
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="speakerlab export-onnx", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="speakerlab export-onnx",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="registry id or checkpoint file")
     parser.add_argument("--out", required=True, help="the .onnx file to write")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                        help="ONNX opset (default %(default)s)")
-    parser.add_argument("--no-check", action="store_true",
-                        help="skip the ONNX Runtime vs PyTorch comparison")
+    parser.add_argument(
+        "--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)"
+    )
+    parser.add_argument(
+        "--no-check", action="store_true", help="skip the ONNX Runtime vs PyTorch comparison"
+    )
     return parser.parse_args(argv)
 
 
@@ -41,8 +46,10 @@ def run(args: argparse.Namespace) -> None:
     if not args.no_check:
         cosine = onnx_parity(loaded.model, path)
         if cosine < MIN_COSINE:
-            raise CheckpointError(f"{path}: ONNX Runtime embeddings differ from PyTorch "
-                                  f"(cosine {cosine:.6f} < {MIN_COSINE})")
+            raise CheckpointError(
+                f"{path}: ONNX Runtime embeddings differ from PyTorch "
+                f"(cosine {cosine:.6f} < {MIN_COSINE})"
+            )
         print(f"ONNX Runtime matches PyTorch: smallest cosine similarity {cosine:.7f}")
 
 

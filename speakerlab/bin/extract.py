@@ -1,4 +1,4 @@
-"""``speakerlab extract``: embed every utterance of a wav.scp into ``<out-dir>/embedding.{ark,scp}``.
+"""``speakerlab extract``: embed each utterance of a wav.scp into ``<out-dir>/embedding.{ark,scp}``.
 
 Utterances are embedded whole, batched by equal frame count, and the run resumes where an
 interrupted one stopped. Run under ``torchrun --nproc_per_node N`` to split the work over N
@@ -14,30 +14,61 @@ import torch
 
 from speakerlab.bin import exits_on_error
 from speakerlab.errors import ConfigError
-from speakerlab.extract import (Embedder, RankInfo, barrier, extract_embeddings, init_ranks,
-                                resolve_device)
+from speakerlab.extract import (
+    Embedder,
+    RankInfo,
+    barrier,
+    extract_embeddings,
+    init_ranks,
+    resolve_device,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="speakerlab extract", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True,
-                        help="registry id, checkpoint file (ours or released) or .onnx file")
+    parser = argparse.ArgumentParser(
+        prog="speakerlab extract",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="registry id, checkpoint file (ours or released) or .onnx file",
+    )
     parser.add_argument("--wav-scp", required=True, help="'utt path' list of 16 kHz recordings")
     parser.add_argument("--out-dir", required=True, help="where embedding.{ark,scp} go")
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="most utterances (of equal length) per batch (default %(default)s)")
-    parser.add_argument("--max-batch-frames", type=int, default=16000,
-                        help="most fbank frames per batch (default %(default)s = 160 s)")
-    parser.add_argument("--num-workers", type=int, default=1,
-                        help="processes reading audio and computing fbank (default %(default)s)")
-    parser.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
-                        help="onnx: ONNX Runtime on the CPU, the model exported to "
-                             "<out-dir>/model.onnx first (1.2x the speed of PyTorch there, same "
-                             "embeddings to 1e-6); torch: PyTorch; auto (default): onnx on the CPU, "
-                             "torch on a GPU")
-    parser.add_argument("--device", default="auto",
-                        help="auto (this rank's GPU if any, else CPU), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="most utterances (of equal length) per batch (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-batch-frames",
+        type=int,
+        default=16000,
+        help="most fbank frames per batch (default %(default)s = 160 s)",
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=1,
+        help="processes reading audio and computing fbank (default %(default)s)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnx"],
+        default="auto",
+        help="onnx: ONNX Runtime on the CPU, the model exported to "
+        "<out-dir>/model.onnx first (1.2x the speed of PyTorch there, same "
+        "embeddings to 1e-6); torch: PyTorch; auto (default): onnx on the CPU, "
+        "torch on a GPU",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (this rank's GPU if any, else CPU), cpu, cuda, cuda:N",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -71,9 +102,15 @@ def build_embedder(args: argparse.Namespace, ranks: RankInfo) -> Embedder:
     onnx_path = Path(args.out_dir) / "model.onnx"
     if ranks.is_main:  # always: a file left there by another model must not be used
         loaded = load_model(args.model)
-        export_onnx(loaded.model, onnx_path,
-                    metadata={"model_name": loaded.name, "model_kwargs": loaded.kwargs,
-                              "source": loaded.source})
+        export_onnx(
+            loaded.model,
+            onnx_path,
+            metadata={
+                "model_name": loaded.name,
+                "model_kwargs": loaded.kwargs,
+                "source": loaded.source,
+            },
+        )
     barrier(ranks)
     return OnnxEmbedder(onnx_path, num_threads=torch.get_num_threads())
 
@@ -83,10 +120,17 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
     ranks = init_ranks()
     embedder = build_embedder(args, ranks)
-    scp = extract_embeddings(args.wav_scp, embedder, args.out_dir, batch_size=args.batch_size,
-                             max_batch_frames=args.max_batch_frames,
-                             num_workers=args.num_workers, ranks=ranks,
-                             progress=not args.no_progress, model_tag=model_tag(args.model))
+    scp = extract_embeddings(
+        args.wav_scp,
+        embedder,
+        args.out_dir,
+        batch_size=args.batch_size,
+        max_batch_frames=args.max_batch_frames,
+        num_workers=args.num_workers,
+        ranks=ranks,
+        progress=not args.no_progress,
+        model_tag=model_tag(args.model),
+    )
     if ranks.is_main:
         print(f"embeddings: {scp}")
 

@@ -10,25 +10,57 @@ import argparse
 
 from speakerlab.bin import exits_on_error
 from speakerlab.errors import ConfigError
-from speakerlab.scoring import DEFAULT_TOP_K, ScoringSetup, load_cohort, results_markdown, score_trials
+from speakerlab.scoring import (
+    DEFAULT_TOP_K,
+    ScoringSetup,
+    load_cohort,
+    results_markdown,
+    score_trials,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="speakerlab score", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--embeddings", nargs="+", required=True, metavar="SCP",
-                        help="embedding scp file(s) holding every enrol and test utterance")
-    parser.add_argument("--trials", nargs="+", required=True, metavar="FILE",
-                        help="trial lists ('enrol test target|nontarget|1|0' per line)")
+    parser = argparse.ArgumentParser(
+        prog="speakerlab score",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--embeddings",
+        nargs="+",
+        required=True,
+        metavar="SCP",
+        help="embedding scp file(s) holding every enrol and test utterance",
+    )
+    parser.add_argument(
+        "--trials",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="trial lists ('enrol test target|nontarget|1|0' per line)",
+    )
     parser.add_argument("--out-dir", required=True, help="where score files and results go")
-    parser.add_argument("--cohort", nargs="+", metavar="SCP",
-                        help="cohort embedding scp file(s): turns on AS-Norm")
-    parser.add_argument("--cohort-utt2spk", metavar="FILE",
-                        help="utt2spk of the cohort: use one mean embedding per speaker")
-    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
-                        help="AS-Norm: cohort scores kept per utterance (default %(default)s)")
-    parser.add_argument("--p-target", type=float, nargs="+", default=[0.01],
-                        help="prior(s) of a target trial for minDCF (default 0.01)")
+    parser.add_argument(
+        "--cohort", nargs="+", metavar="SCP", help="cohort embedding scp file(s): turns on AS-Norm"
+    )
+    parser.add_argument(
+        "--cohort-utt2spk",
+        metavar="FILE",
+        help="utt2spk of the cohort: use one mean embedding per speaker",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=DEFAULT_TOP_K,
+        help="AS-Norm: cohort scores kept per utterance (default %(default)s)",
+    )
+    parser.add_argument(
+        "--p-target",
+        type=float,
+        nargs="+",
+        default=[0.01],
+        help="prior(s) of a target trial for minDCF (default 0.01)",
+    )
     parser.add_argument("--no-plot", action="store_true", help="do not draw det.png")
     return parser.parse_args(argv)
 
@@ -40,8 +72,9 @@ def run(args: argparse.Namespace) -> None:
     if bad_priors:
         raise ConfigError(f"--p-target values must lie strictly between 0 and 1, got {bad_priors}")
     cohort = load_cohort(args.cohort, args.cohort_utt2spk) if args.cohort else None
-    setup = ScoringSetup(cohort=cohort, top_k=args.top_k, p_targets=args.p_target,
-                         det_plot=not args.no_plot)
+    setup = ScoringSetup(
+        cohort=cohort, top_k=args.top_k, p_targets=args.p_target, det_plot=not args.no_plot
+    )
     results = score_trials(args.embeddings, args.trials, args.out_dir, setup)
     print(results_markdown(results), end="")
 

@@ -15,12 +15,18 @@ from speakerlab.inference import DEFAULT_MODEL, SpeakerVerifier
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="speakerlab verify", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="speakerlab verify",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("enrol", help="first recording (any sample rate, channel 0 is used)")
     parser.add_argument("test", help="second recording")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="registry id, checkpoint file or .onnx file (default %(default)s)")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="registry id, checkpoint file or .onnx file (default %(default)s)",
+    )
     parser.add_argument("--threshold", type=float, help="decision threshold on the cosine score")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     return parser.parse_args(argv)

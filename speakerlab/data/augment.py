@@ -85,8 +85,13 @@ class Augmenter:
     their first use.
     """
 
-    def __init__(self, noise_list: str | Path | None = None, rir_list: str | Path | None = None,
-                 snr_db: tuple[float, float] = (0.0, 15.0), prob: float = 0.8):
+    def __init__(
+        self,
+        noise_list: str | Path | None = None,
+        rir_list: str | Path | None = None,
+        snr_db: tuple[float, float] = (0.0, 15.0),
+        prob: float = 0.8,
+    ):
         if not 0.0 <= prob <= 1.0:
             raise DataError(f"augmentation probability must be in [0, 1], got {prob}")
         if len(snr_db) != 2 or snr_db[0] > snr_db[1]:
@@ -112,8 +117,13 @@ class Augmenter:
                 logger.warning("leaving out %s file: %s", what, err)
                 continue
             if info.samplerate != SAMPLE_RATE or info.frames == 0:
-                logger.warning("leaving out %s file %s: %d samples at %d Hz (need 16 kHz audio)",
-                               what, path, info.frames, info.samplerate)
+                logger.warning(
+                    "leaving out %s file %s: %d samples at %d Hz (need 16 kHz audio)",
+                    what,
+                    path,
+                    info.frames,
+                    info.samplerate,
+                )
                 continue
             paths.append(path)
             lengths.append(info.frames)

@@ -17,8 +17,9 @@ and a substitute row, drawn from the same seeded generator, takes its place.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,10 +52,19 @@ def limit_worker_threads(worker_id: int = 0) -> None:
 class TrainDataset(Dataset):
     """``dataset[i] -> (fbank float32 (frames, num_mel_bins), class label)``."""
 
-    def __init__(self, index: TrainIndex, *, crop_seconds: float = 3.0,
-                 speeds: tuple[float, ...] = (1.0, 0.9, 1.1), augment_prob: float = 0.8,
-                 noise_list: str | Path | None = None, rir_list: str | Path | None = None,
-                 snr_db: tuple[float, float] = (0.0, 15.0), num_mel_bins: int = 80, seed: int = 0):
+    def __init__(
+        self,
+        index: TrainIndex,
+        *,
+        crop_seconds: float = 3.0,
+        speeds: tuple[float, ...] = (1.0, 0.9, 1.1),
+        augment_prob: float = 0.8,
+        noise_list: str | Path | None = None,
+        rir_list: str | Path | None = None,
+        snr_db: tuple[float, float] = (0.0, 15.0),
+        num_mel_bins: int = 80,
+        seed: int = 0,
+    ):
         speeds = tuple(float(s) for s in speeds)
         if crop_seconds <= 0:
             raise ConfigError(f"data.crop_seconds must be positive, got {crop_seconds}")
@@ -92,7 +102,7 @@ class TrainDataset(Dataset):
         return len(self.index)
 
     def item_rng(self, index: int, attempt: int = 0) -> np.random.Generator:
-        """The generator behind item ``index`` of the current epoch (``attempt`` > 0: substitutes)."""
+        """Generator behind item ``index`` of the current epoch (``attempt`` > 0: substitutes)."""
         return np.random.default_rng([self.seed, self.epoch, int(index), attempt])
 
     def waveform(self, row: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
@@ -101,9 +111,12 @@ class TrainDataset(Dataset):
         speed = self.speeds[speed_pos]
         num_samples = int(self.index.num_samples[row])
         total = self.speed_perturbation.perturbed_length(num_samples, speed)
-        start = int(rng.integers(0, total - self.crop_samples + 1)) if total > self.crop_samples else 0
-        wav = self.speed_perturbation.read_crop(self.index.paths[row], num_samples, speed, start,
-                                                self.crop_samples)
+        start = (
+            int(rng.integers(0, total - self.crop_samples + 1)) if total > self.crop_samples else 0
+        )
+        wav = self.speed_perturbation.read_crop(
+            self.index.paths[row], num_samples, speed, start, self.crop_samples
+        )
         return self.augmenter(wav, rng), speed_pos
 
     def example(self, row: int, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
@@ -123,28 +136,40 @@ class TrainDataset(Dataset):
             except AudioError as err:
                 last_error = err
                 self._report(row, err)
-        raise AudioError(f"training item {index}: it and {MAX_SUBSTITUTES} substitutes failed to "
-                         f"load; last error: {last_error}")
+        raise AudioError(
+            f"training item {index}: it and {MAX_SUBSTITUTES} substitutes failed to "
+            f"load; last error: {last_error}"
+        )
 
     def _report(self, row: int, err: AudioError) -> None:
         path = self.index.paths[row]
         if path not in self._reported:
             self._reported.add(path)
-            logger.warning("training item from %s (utterance %s) failed, using another item "
-                           "instead: %s", path, self.index.utts[row], err)
+            logger.warning(
+                "training item from %s (utterance %s) failed, using another item instead: %s",
+                path,
+                self.index.utts[row],
+                err,
+            )
 
 
-def build_train_dataset(data_cfg: Mapping[str, Any], index_path: str | Path,
-                        seed: int = 0) -> TrainDataset:
+def build_train_dataset(
+    data_cfg: Mapping[str, Any], index_path: str | Path, seed: int = 0
+) -> TrainDataset:
     """A :class:`TrainDataset` from the Hydra ``data`` group (see conf/data/default.yaml)."""
+
     def optional_path(key: str) -> str | None:
         value = data_cfg[key]
         return None if value in (None, "") else str(value)
 
-    return TrainDataset(load_train_index(index_path),
-                        crop_seconds=float(data_cfg["crop_seconds"]),
-                        speeds=tuple(float(s) for s in data_cfg["speeds"]),
-                        augment_prob=float(data_cfg["augment_prob"]),
-                        noise_list=optional_path("noise_list"), rir_list=optional_path("rir_list"),
-                        snr_db=tuple(float(v) for v in data_cfg["snr_db"]),
-                        num_mel_bins=int(data_cfg["num_mel_bins"]), seed=seed)
+    return TrainDataset(
+        load_train_index(index_path),
+        crop_seconds=float(data_cfg["crop_seconds"]),
+        speeds=tuple(float(s) for s in data_cfg["speeds"]),
+        augment_prob=float(data_cfg["augment_prob"]),
+        noise_list=optional_path("noise_list"),
+        rir_list=optional_path("rir_list"),
+        snr_db=tuple(float(v) for v in data_cfg["snr_db"]),
+        num_mel_bins=int(data_cfg["num_mel_bins"]),
+        seed=seed,
+    )

@@ -37,8 +37,8 @@ class TrainIndex:
 
     utts: list[str]
     paths: list[str]
-    num_samples: np.ndarray   # int64, samples of each row's file
-    speaker_ids: np.ndarray   # int64, index into ``speakers``
+    num_samples: np.ndarray  # int64, samples of each row's file
+    speaker_ids: np.ndarray  # int64, index into ``speakers``
     speakers: list[str]
 
     def __len__(self) -> int:
@@ -67,8 +67,15 @@ def check_audio_header(path: str) -> tuple[int, str | None]:
 def scan_audio_headers(paths: list[str], num_workers: int = 8) -> list[tuple[int, str | None]]:
     """:func:`check_audio_header` for many files; threads overlap the file-system latency."""
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        return list(tqdm(pool.map(check_audio_header, paths, chunksize=64), total=len(paths),
-                         desc="reading audio headers", unit="file", disable=len(paths) < 10000))
+        return list(
+            tqdm(
+                pool.map(check_audio_header, paths, chunksize=64),
+                total=len(paths),
+                desc="reading audio headers",
+                unit="file",
+                disable=len(paths) < 10000,
+            )
+        )
 
 
 def _header_line(data_dir: Path, segment_seconds: float) -> str:
@@ -87,8 +94,13 @@ def index_is_current(out_path: Path, data_dir: Path, segment_seconds: float) -> 
         return f.readline().rstrip("\n") == _header_line(data_dir, segment_seconds)
 
 
-def build_train_index(data_dir: str | Path, out_path: str | Path, segment_seconds: float = 4.0,
-                      max_bad_fraction: float = 0.1, num_workers: int = 8) -> Path:
+def build_train_index(
+    data_dir: str | Path,
+    out_path: str | Path,
+    segment_seconds: float = 4.0,
+    max_bad_fraction: float = 0.1,
+    num_workers: int = 8,
+) -> Path:
     """Write the index of the Kaldi directory ``data_dir`` (``wav.scp`` + ``utt2spk``).
 
     Each usable utterance gets ``max(1, int(duration / segment_seconds))`` rows. An index that is
@@ -104,8 +116,10 @@ def build_train_index(data_dir: str | Path, out_path: str | Path, segment_second
     utt2spk = read_utt2spk(data_dir / "utt2spk")
     unlabelled = [utt for utt in wav_scp if utt not in utt2spk]
     if unlabelled:
-        raise DataError(f"{data_dir / 'utt2spk'}: no speaker for {len(unlabelled)} utterances of "
-                        f"{data_dir / 'wav.scp'}, e.g. {', '.join(unlabelled[:5])}")
+        raise DataError(
+            f"{data_dir / 'utt2spk'}: no speaker for {len(unlabelled)} utterances of "
+            f"{data_dir / 'wav.scp'}, e.g. {', '.join(unlabelled[:5])}"
+        )
     if not wav_scp:
         raise DataError(f"{data_dir / 'wav.scp'}: no utterances")
     utts = list(wav_scp)
@@ -121,15 +135,19 @@ def build_train_index(data_dir: str | Path, out_path: str | Path, segment_second
         if len(bad) > 20:
             print(f"... and {len(bad) - 20} more, all listed in {bad_path}", file=sys.stderr)
         if len(bad) > max_bad_fraction * len(utts):
-            raise DataError(f"{len(bad)} of {len(utts)} audio files of {data_dir / 'wav.scp'} are "
-                            f"unusable ({100 * len(bad) / len(utts):.1f}% > "
-                            f"{100 * max_bad_fraction:g}% allowed); first: {bad[0][1]}; "
-                            f"all listed in {bad_path}")
+            raise DataError(
+                f"{len(bad)} of {len(utts)} audio files of {data_dir / 'wav.scp'} are "
+                f"unusable ({100 * len(bad) / len(utts):.1f}% > "
+                f"{100 * max_bad_fraction:g}% allowed); first: {bad[0][1]}; "
+                f"all listed in {bad_path}"
+            )
     elif bad_path.exists():
         bad_path.unlink()
     good = np.array([reason is None for _, reason in headers])
     samples = np.array([n for n, _ in headers], dtype=np.int64)
-    repeats = np.where(good, np.maximum(1, (samples / (segment_seconds * SAMPLE_RATE)).astype(np.int64)), 0)
+    repeats = np.where(
+        good, np.maximum(1, (samples / (segment_seconds * SAMPLE_RATE)).astype(np.int64)), 0
+    )
     tmp = out_path.with_name(out_path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(_header_line(data_dir, segment_seconds) + "\n")
@@ -137,8 +155,13 @@ def build_train_index(data_dir: str | Path, out_path: str | Path, segment_second
             if count:
                 f.write(f"{utt}\t{path}\t{n}\t{utt2spk[utt]}\n" * int(count))
     tmp.replace(out_path)
-    logger.info("training index %s: %d rows from %d files (%d skipped)", out_path,
-                int(repeats.sum()), int(good.sum()), len(bad))
+    logger.info(
+        "training index %s: %d rows from %d files (%d skipped)",
+        out_path,
+        int(repeats.sum()),
+        int(good.sum()),
+        len(bad),
+    )
     return out_path
 
 
@@ -155,8 +178,10 @@ def load_train_index(path: str | Path) -> TrainIndex:
         for lineno, line in enumerate(f, 2):
             fields = line.rstrip("\n").split("\t")
             if len(fields) != 4 or not fields[2].isdigit():
-                raise DataError(f"{path}:{lineno}: expected 'utt<TAB>path<TAB>num_samples<TAB>"
-                                f"speaker', got {line.rstrip()!r}")
+                raise DataError(
+                    f"{path}:{lineno}: expected 'utt<TAB>path<TAB>num_samples<TAB>"
+                    f"speaker', got {line.rstrip()!r}"
+                )
             utts.append(fields[0])
             paths.append(fields[1])
             samples.append(int(fields[2]))
@@ -164,6 +189,10 @@ def load_train_index(path: str | Path) -> TrainIndex:
     if not utts:
         raise DataError(f"{path}: the training index has no rows")
     speaker_list, speaker_ids = np.unique(np.array(speakers), return_inverse=True)
-    return TrainIndex(utts=utts, paths=paths, num_samples=np.array(samples, dtype=np.int64),
-                      speaker_ids=speaker_ids.astype(np.int64),
-                      speakers=[str(s) for s in speaker_list])
+    return TrainIndex(
+        utts=utts,
+        paths=paths,
+        num_samples=np.array(samples, dtype=np.int64),
+        speaker_ids=speaker_ids.astype(np.int64),
+        speakers=[str(s) for s in speaker_list],
+    )

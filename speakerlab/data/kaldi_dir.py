@@ -7,8 +7,8 @@ data directory fails at once instead of deep inside training or extraction.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from speakerlab.errors import DataError
 
@@ -30,8 +30,9 @@ def read_table(path: str | Path, num_fields: int = 2) -> dict[str, str]:
                 continue
             fields = line.split(maxsplit=1 if num_fields == 2 else -1)
             if len(fields) != num_fields:
-                raise DataError(f"{path}:{lineno}: expected {num_fields} fields, got "
-                                f"{len(fields)}: {line!r}")
+                raise DataError(
+                    f"{path}:{lineno}: expected {num_fields} fields, got {len(fields)}: {line!r}"
+                )
             key = fields[0]
             if key in table:
                 raise DataError(f"{path}:{lineno}: duplicate key {key!r}")

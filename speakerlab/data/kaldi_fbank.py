@@ -33,8 +33,9 @@ class KaldiFbank:
         self.mean_norm = mean_norm
         # Povey window: a Hann window raised to 0.85.
         self.window = torch.hann_window(self.window_length, periodic=False).pow(0.85)
-        banks, _ = kaldi.get_mel_banks(num_mel_bins, self.fft_size, float(sample_rate), LOW_FREQ_HZ,
-                                       0.0, 100.0, -500.0, 1.0)
+        banks, _ = kaldi.get_mel_banks(
+            num_mel_bins, self.fft_size, float(sample_rate), LOW_FREQ_HZ, 0.0, 100.0, -500.0, 1.0
+        )
         # Kaldi's banks skip the Nyquist bin; add it as zeros so they match the full spectrum.
         # Each FFT bin feeds at most two filters: as a sparse (mel, bin) matrix the product is
         # three times quicker than torch.mm's dense one (and uses no BLAS threads).
@@ -45,16 +46,22 @@ class KaldiFbank:
         if wav.dim() != 1:
             raise ValueError(f"fbank expects a 1-D waveform, got shape {tuple(wav.shape)}")
         if wav.numel() < self.window_length:
-            raise ValueError(f"waveform of {wav.numel()} samples is shorter than one frame "
-                             f"({self.window_length})")
+            raise ValueError(
+                f"waveform of {wav.numel()} samples is shorter than one frame "
+                f"({self.window_length})"
+            )
         frames = wav.float().unfold(0, self.window_length, self.shift)
         centred = frames - frames.mean(dim=1, keepdim=True)  # DC removal per frame
         buffer = torch.zeros(len(frames), self.fft_size)
         # Pre-emphasis; Kaldi uses the frame's own first sample as its predecessor.
-        torch.sub(centred[:, 1:], centred[:, :-1], alpha=PREEMPHASIS,
-                  out=buffer[:, 1:self.window_length])
+        torch.sub(
+            centred[:, 1:],
+            centred[:, :-1],
+            alpha=PREEMPHASIS,
+            out=buffer[:, 1 : self.window_length],
+        )
         torch.mul(centred[:, 0], 1.0 - PREEMPHASIS, out=buffer[:, 0])
-        buffer[:, :self.window_length] *= self.window
+        buffer[:, : self.window_length] *= self.window
         spectrum = torch.fft.rfft(buffer)
         power = spectrum.real.square() + spectrum.imag.square()
         mel = np.ascontiguousarray((self.mel_matrix @ power.numpy().T).T)

@@ -8,7 +8,7 @@ continues with exactly the items it would have seen next.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
@@ -19,15 +19,23 @@ from speakerlab.errors import ConfigError
 class DistributedResumableSampler(Sampler[int]):
     """Indices of one rank for the current epoch, from position ``start`` on."""
 
-    def __init__(self, dataset_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle: bool = True, drop_last: bool = True):
+    def __init__(
+        self,
+        dataset_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
         if dataset_size <= 0:
             raise ConfigError(f"cannot sample from an empty dataset (size {dataset_size})")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ConfigError(f"rank {rank} is not in [0, {num_replicas})")
         if drop_last and dataset_size < num_replicas:
-            raise ConfigError(f"dataset of {dataset_size} items is smaller than the "
-                              f"{num_replicas} ranks")
+            raise ConfigError(
+                f"dataset of {dataset_size} items is smaller than the {num_replicas} ranks"
+            )
         self.dataset_size = dataset_size
         self.num_replicas = num_replicas
         self.rank = rank
@@ -45,8 +53,10 @@ class DistributedResumableSampler(Sampler[int]):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch; skip the first ``start`` of this rank's indices (mid-epoch resume)."""
         if not 0 <= start <= self.num_samples:
-            raise ConfigError(f"resume position {start} is outside this rank's "
-                              f"{self.num_samples} samples per epoch")
+            raise ConfigError(
+                f"resume position {start} is outside this rank's "
+                f"{self.num_samples} samples per epoch"
+            )
         self.epoch = epoch
         self.start = start
 
@@ -60,10 +70,10 @@ class DistributedResumableSampler(Sampler[int]):
         total = self.num_samples * self.num_replicas
         if total > self.dataset_size:
             order = order.repeat(-(-total // self.dataset_size))[:total]
-        return order[self.rank:total:self.num_replicas].tolist()
+        return order[self.rank : total : self.num_replicas].tolist()
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_indices()[self.start:])
+        return iter(self.epoch_indices()[self.start :])
 
     def __len__(self) -> int:
         """Indices left in this epoch after ``start``."""

@@ -45,9 +45,9 @@ class PolyphaseResampler:
         self.orig, self.new, self.width = orig, new, int(reference.width)
         num_parts = -(-kernel.shape[1] // orig)
         weights = np.zeros((num_parts * orig, new), dtype=np.float32)
-        weights[:kernel.shape[1]] = kernel.T
+        weights[: kernel.shape[1]] = kernel.T
         # Part j multiplies the input block j places after the output block's own.
-        self.parts = [weights[j * orig:(j + 1) * orig] for j in range(num_parts)]
+        self.parts = [weights[j * orig : (j + 1) * orig] for j in range(num_parts)]
 
     def output_length(self, num_samples: int) -> int:
         return -(-int(num_samples) * self.new // self.orig)
@@ -58,11 +58,11 @@ class PolyphaseResampler:
         # torchaudio pads ``width`` zeros in front; the zeros behind cover the last block's reach.
         padded = np.zeros((num_blocks + len(self.parts) - 1) * self.orig, dtype=np.float32)
         kept = min(len(wav), len(padded) - self.width)
-        padded[self.width:self.width + kept] = wav[:kept]
+        padded[self.width : self.width + kept] = wav[:kept]
         blocks = padded.reshape(-1, self.orig)
         out = blocks[:num_blocks] @ self.parts[0]
         for j, part in enumerate(self.parts[1:], start=1):
-            out += blocks[j:j + num_blocks] @ part
+            out += blocks[j : j + num_blocks] @ part
         return out.reshape(-1)[:out_length]
 
 
@@ -72,7 +72,9 @@ class SpeedPerturbation:
     def __init__(self, speeds: tuple[float, ...]):
         self.speeds = tuple(float(s) for s in speeds)
         self.ratios = {s: speed_ratio(s) for s in self.speeds if s != 1.0}
-        self.resamplers = {s: PolyphaseResampler(orig, new) for s, (orig, new) in self.ratios.items()}
+        self.resamplers = {
+            s: PolyphaseResampler(orig, new) for s, (orig, new) in self.ratios.items()
+        }
 
     def perturbed_length(self, num_samples: int, speed: float) -> int:
         """Length of the whole file after perturbation (as torchaudio's resampler gives it)."""
@@ -87,9 +89,10 @@ class SpeedPerturbation:
         orig, new = self.ratios[speed]
         return torchaudio.functional.resample(wav, orig, new)
 
-    def read_crop(self, path: str, num_samples: int, speed: float, start: int,
-                  length: int) -> np.ndarray:
-        """Samples ``[start, start + length)`` of the file perturbed to ``speed``; zeros past its end.
+    def read_crop(
+        self, path: str, num_samples: int, speed: float, start: int, length: int
+    ) -> np.ndarray:
+        """Samples ``[start, start + length)`` of the file at ``speed``; zeros past its end.
 
         ``num_samples`` is the file's length (from the index), so no header is read here.
         """
@@ -105,7 +108,7 @@ class SpeedPerturbation:
         chunk = _read_padded(path, in_start, in_stop - in_start, in_stop - in_start)
         out = resampler(chunk)
         offset = start - first_block * new
-        piece = out[offset:offset + length]
+        piece = out[offset : offset + length]
         # Beyond the end of the perturbed file there is nothing (nor beyond what the file really
         # holds, should it be shorter than its indexed length): pad with zeros.
         valid = max(0, min(length, self.perturbed_length(num_samples, speed) - start, len(piece)))

@@ -19,21 +19,25 @@ def model_class(name: str) -> type[nn.Module]:
     """
     if name == "eres2net":
         from speakerlab.models.eres2net import ERes2Net
+
         return ERes2Net
     if name == "eres2netv2":
         from speakerlab.models.eres2netv2 import ERes2NetV2
+
         return ERes2NetV2
     if name == "campplus":
         from speakerlab.models.campplus import CAMPPlus
+
         return CAMPPlus
     if name == "ecapa_tdnn":
         from speakerlab.models.ecapa_tdnn import ECAPATDNN
+
         return ECAPATDNN
     raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
-    """Build the embedding model ``name`` with constructor ``kwargs`` (feat_dim, embedding_size, ...)."""
+    """The embedding model ``name`` built with ``kwargs`` (feat_dim, embedding_size, ...)."""
     return model_class(name)(**kwargs)
 
 

@@ -67,7 +67,9 @@ def segment_average(x: torch.Tensor, segment_frames: int) -> torch.Tensor:
 
 def batchnorm_relu(channels: int) -> nn.Sequential:
     """BatchNorm1d followed by ReLU, with the reference's child names (``batchnorm``, ``relu``)."""
-    return nn.Sequential(OrderedDict([("batchnorm", nn.BatchNorm1d(channels)), ("relu", nn.ReLU())]))
+    return nn.Sequential(
+        OrderedDict([("batchnorm", nn.BatchNorm1d(channels)), ("relu", nn.ReLU())])
+    )
 
 
 class ResidualBlock2d(nn.Module):
@@ -75,7 +77,9 @@ class ResidualBlock2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=(stride, 1), padding=1, bias=False)
+        self.conv1 = nn.Conv2d(
+            in_channels, out_channels, 3, stride=(stride, 1), padding=1, bias=False
+        )
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
@@ -100,7 +104,9 @@ class FrontEndConvModule(nn.Module):
     ``out_channels = channels * ceil(feat_dim / 8)`` (frequency is halved three times).
     """
 
-    def __init__(self, feat_dim: int, channels: int = FCM_CHANNELS, blocks_per_stage: int = 2) -> None:
+    def __init__(
+        self, feat_dim: int, channels: int = FCM_CHANNELS, blocks_per_stage: int = 2
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(1, channels, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels)
@@ -129,12 +135,25 @@ class FrontEndConvModule(nn.Module):
 class TDNNLayer(nn.Module):
     """Convolution (no bias, "same"-style zero padding) followed by BN-ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 dilation: int = 1) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        dilation: int = 1,
+    ) -> None:
         super().__init__()
         padding = (kernel_size - 1) // 2 * dilation
-        self.linear = nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride,
-                                padding=padding, dilation=dilation, bias=False)
+        self.linear = nn.Conv1d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            bias=False,
+        )
         self.nonlinear = batchnorm_relu(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,12 +166,19 @@ class ContextAwareMasking(nn.Module):
     ``y = conv_local(x) * sigmoid(W2 relu(W1 (mean_t(x) + segment_mean(x))))``
     """
 
-    def __init__(self, bn_channels: int, out_channels: int, kernel_size: int, dilation: int,
-                 reduction: int = 2) -> None:
+    def __init__(
+        self,
+        bn_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        dilation: int,
+        reduction: int = 2,
+    ) -> None:
         super().__init__()
         padding = (kernel_size - 1) // 2 * dilation
-        self.linear_local = nn.Conv1d(bn_channels, out_channels, kernel_size, padding=padding,
-                                      dilation=dilation, bias=False)
+        self.linear_local = nn.Conv1d(
+            bn_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False
+        )
         self.linear1 = nn.Conv1d(bn_channels, bn_channels // reduction, 1)
         self.linear2 = nn.Conv1d(bn_channels // reduction, out_channels, 1)
 
@@ -166,8 +192,9 @@ class ContextAwareMasking(nn.Module):
 class DenseTDNNLayer(nn.Module):
     """One D-TDNN layer: BN-ReLU-1x1 bottleneck, BN-ReLU, then a CAM layer adding new channels."""
 
-    def __init__(self, in_channels: int, growth_rate: int, bn_channels: int, kernel_size: int,
-                 dilation: int) -> None:
+    def __init__(
+        self, in_channels: int, growth_rate: int, bn_channels: int, kernel_size: int, dilation: int
+    ) -> None:
         super().__init__()
         self.nonlinear1 = batchnorm_relu(in_channels)
         self.linear1 = nn.Conv1d(in_channels, bn_channels, 1, bias=False)
@@ -185,12 +212,20 @@ class DenseTDNNBlock(nn.Module):
     Output channels: ``in_channels + num_layers * growth_rate``.
     """
 
-    def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bn_channels: int,
-                 kernel_size: int, dilation: int) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        in_channels: int,
+        growth_rate: int,
+        bn_channels: int,
+        kernel_size: int,
+        dilation: int,
+    ) -> None:
         super().__init__()
         for index in range(num_layers):
-            layer = DenseTDNNLayer(in_channels + index * growth_rate, growth_rate, bn_channels,
-                                   kernel_size, dilation)
+            layer = DenseTDNNLayer(
+                in_channels + index * growth_rate, growth_rate, bn_channels, kernel_size, dilation
+            )
             self.add_module(f"tdnnd{index + 1}", layer)
         self.out_channels = in_channels + num_layers * growth_rate
 
@@ -218,9 +253,13 @@ class EmbeddingLayer(nn.Module):
     def __init__(self, in_channels: int, embedding_size: int) -> None:
         super().__init__()
         self.linear = nn.Conv1d(in_channels, embedding_size, 1, bias=False)
-        self.nonlinear = nn.Sequential(OrderedDict([
-            ("batchnorm", nn.BatchNorm1d(embedding_size, affine=False)),
-        ]))
+        self.nonlinear = nn.Sequential(
+            OrderedDict(
+                [
+                    ("batchnorm", nn.BatchNorm1d(embedding_size, affine=False)),
+                ]
+            )
+        )
 
     def forward(self, stats: torch.Tensor) -> torch.Tensor:
         return self.nonlinear(self.linear(stats.unsqueeze(-1)).squeeze(-1))
@@ -240,22 +279,37 @@ class CAMPPlus(nn.Module):
     ``forward`` maps fbank ``(batch, frames, feat_dim)`` to ``(batch, embedding_size)``.
     """
 
-    def __init__(self, feat_dim: int = 80, embedding_size: int = 512, growth_rate: int = 32,
-                 bn_size: int = 4, init_channels: int = 128) -> None:
+    def __init__(
+        self,
+        feat_dim: int = 80,
+        embedding_size: int = 512,
+        growth_rate: int = 32,
+        bn_size: int = 4,
+        init_channels: int = 128,
+    ) -> None:
         super().__init__()
         self.feat_dim = feat_dim
         self.embedding_size = embedding_size
         self.head = FrontEndConvModule(feat_dim)
-        self.xvector = nn.Sequential(OrderedDict([
-            ("tdnn", TDNNLayer(self.head.out_channels, init_channels, kernel_size=5, stride=2)),
-        ]))
+        self.xvector = nn.Sequential(
+            OrderedDict(
+                [
+                    (
+                        "tdnn",
+                        TDNNLayer(self.head.out_channels, init_channels, kernel_size=5, stride=2),
+                    ),
+                ]
+            )
+        )
         channels = init_channels
         for index, (num_layers, kernel_size, dilation) in enumerate(DENSE_BLOCKS, start=1):
-            block = DenseTDNNBlock(num_layers, channels, growth_rate, bn_size * growth_rate,
-                                   kernel_size, dilation)
+            block = DenseTDNNBlock(
+                num_layers, channels, growth_rate, bn_size * growth_rate, kernel_size, dilation
+            )
             self.xvector.add_module(f"block{index}", block)
-            self.xvector.add_module(f"transit{index}", TransitLayer(block.out_channels,
-                                                                    block.out_channels // 2))
+            self.xvector.add_module(
+                f"transit{index}", TransitLayer(block.out_channels, block.out_channels // 2)
+            )
             channels = block.out_channels // 2
         self.xvector.add_module("out_nonlinear", batchnorm_relu(channels))
         # Plain mean and unbiased standard deviation over time: the reference adds no eps.
@@ -274,6 +328,8 @@ class CAMPPlus(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed fbank ``(batch, frames, feat_dim)`` -> ``(batch, embedding_size)``."""
         if not torch.jit.is_tracing() and (x.dim() != 3 or x.shape[-1] != self.feat_dim):
-            raise ValueError(f"CAMPPlus expects fbank of shape (batch, frames, {self.feat_dim}), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"CAMPPlus expects fbank of shape (batch, frames, {self.feat_dim}), "
+                f"got {tuple(x.shape)}"
+            )
         return self.xvector(self.head(x.transpose(1, 2)))

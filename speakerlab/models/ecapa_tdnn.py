@@ -38,7 +38,9 @@ class SameConv1d(nn.Module):
     Pads ``dilation * (kernel_size - 1) // 2`` frames on each side, as the reference does.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, dilation=dilation)
         self.padding = dilation * (kernel_size - 1) // 2
@@ -63,7 +65,9 @@ class BatchNorm(nn.Module):
 class TDNNBlock(nn.Module):
     """Same-padded convolution, ReLU, batch norm (in that order)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1
+    ) -> None:
         super().__init__()
         self.conv = SameConv1d(in_channels, out_channels, kernel_size, dilation)
         self.activation = nn.ReLU()
@@ -116,14 +120,23 @@ class SEBlock(nn.Module):
 class SERes2NetBlock(nn.Module):
     """1x1 TDNN -> Res2Net -> 1x1 TDNN -> SE, plus a residual (1x1-projected when widths differ)."""
 
-    def __init__(self, in_channels: int, out_channels: int, res2net_scale: int, se_channels: int,
-                 kernel_size: int, dilation: int) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        res2net_scale: int,
+        se_channels: int,
+        kernel_size: int,
+        dilation: int,
+    ) -> None:
         super().__init__()
         self.tdnn1 = TDNNBlock(in_channels, out_channels, 1)
         self.res2net_block = Res2NetBlock(out_channels, res2net_scale, kernel_size, dilation)
         self.tdnn2 = TDNNBlock(out_channels, out_channels, 1)
         self.se_block = SEBlock(out_channels, se_channels)
-        self.shortcut = SameConv1d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.shortcut = (
+            SameConv1d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.shortcut is None else self.shortcut(x)
@@ -167,7 +180,11 @@ class AttentiveStatisticsPooling(nn.Module):
             mean, std = weighted_mean_std(x, uniform)
             frames = x.shape[-1]
             attention_input = torch.cat(
-                [x, mean.unsqueeze(-1).expand(-1, -1, frames), std.unsqueeze(-1).expand(-1, -1, frames)],
+                [
+                    x,
+                    mean.unsqueeze(-1).expand(-1, -1, frames),
+                    std.unsqueeze(-1).expand(-1, -1, frames),
+                ],
                 dim=1,
             )
         logits = self.conv(torch.tanh(self.tdnn(attention_input)))
@@ -193,26 +210,46 @@ class ECAPATDNN(nn.Module):
     ``forward`` maps fbank ``(batch, frames, feat_dim)`` to ``(batch, embedding_size)``.
     """
 
-    def __init__(self, feat_dim: int = 80, embedding_size: int = 192,
-                 channels: Sequence[int] = (512, 512, 512, 512, 1536),
-                 kernel_sizes: Sequence[int] = (5, 3, 3, 3, 1),
-                 dilations: Sequence[int] = (1, 2, 3, 4, 1),
-                 attention_channels: int = 128, res2net_scale: int = 8, se_channels: int = 128,
-                 global_context: bool = True) -> None:
+    def __init__(
+        self,
+        feat_dim: int = 80,
+        embedding_size: int = 192,
+        channels: Sequence[int] = (512, 512, 512, 512, 1536),
+        kernel_sizes: Sequence[int] = (5, 3, 3, 3, 1),
+        dilations: Sequence[int] = (1, 2, 3, 4, 1),
+        attention_channels: int = 128,
+        res2net_scale: int = 8,
+        se_channels: int = 128,
+        global_context: bool = True,
+    ) -> None:
         super().__init__()
         channels, kernel_sizes, dilations = list(channels), list(kernel_sizes), list(dilations)
         if len(channels) < 3 or not len(channels) == len(kernel_sizes) == len(dilations):
-            raise ValueError("ECAPATDNN needs channels, kernel_sizes and dilations of one length "
-                             f">= 3, got {channels}, {kernel_sizes}, {dilations}")
+            raise ValueError(
+                "ECAPATDNN needs channels, kernel_sizes and dilations of one length "
+                f">= 3, got {channels}, {kernel_sizes}, {dilations}"
+            )
         if res2net_scale < 2 or any(width % res2net_scale for width in channels[1:-1]):
-            raise ValueError(f"res2net_scale={res2net_scale} must be >= 2 and divide the "
-                             f"SE-Res2Net widths {channels[1:-1]}")
+            raise ValueError(
+                f"res2net_scale={res2net_scale} must be >= 2 and divide the "
+                f"SE-Res2Net widths {channels[1:-1]}"
+            )
         self.feat_dim = feat_dim
         self.embedding_size = embedding_size
-        self.blocks = nn.ModuleList([TDNNBlock(feat_dim, channels[0], kernel_sizes[0], dilations[0])])
+        self.blocks = nn.ModuleList(
+            [TDNNBlock(feat_dim, channels[0], kernel_sizes[0], dilations[0])]
+        )
         for index in range(1, len(channels) - 1):
-            self.blocks.append(SERes2NetBlock(channels[index - 1], channels[index], res2net_scale,
-                                              se_channels, kernel_sizes[index], dilations[index]))
+            self.blocks.append(
+                SERes2NetBlock(
+                    channels[index - 1],
+                    channels[index],
+                    res2net_scale,
+                    se_channels,
+                    kernel_sizes[index],
+                    dilations[index],
+                )
+            )
         self.mfa = TDNNBlock(sum(channels[1:-1]), channels[-1], kernel_sizes[-1], dilations[-1])
         self.asp = AttentiveStatisticsPooling(channels[-1], attention_channels, global_context)
         self.asp_bn = BatchNorm(channels[-1] * 2)
@@ -221,8 +258,10 @@ class ECAPATDNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed fbank ``(batch, frames, feat_dim)`` -> ``(batch, embedding_size)``."""
         if not torch.jit.is_tracing() and (x.dim() != 3 or x.shape[-1] != self.feat_dim):
-            raise ValueError(f"ECAPATDNN expects fbank of shape (batch, frames, {self.feat_dim}), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"ECAPATDNN expects fbank of shape (batch, frames, {self.feat_dim}), "
+                f"got {tuple(x.shape)}"
+            )
         hidden = self.blocks[0](x.transpose(1, 2))
         block_outputs = []
         for block in self.blocks[1:]:

@@ -26,11 +26,11 @@ released checkpoints load with ``strict=True``. The building blocks here are sha
 :mod:`speakerlab.models.eres2netv2`.
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from speakerlab.models.pooling import TemporalStatsPool
 
@@ -160,12 +160,19 @@ class Res2NetBackbone(nn.Module):
     """
 
     def __init__(
-        self, feat_dim: int, m_channels: int, base_width: int, scale: int, expansion: int,
+        self,
+        feat_dim: int,
+        m_channels: int,
+        base_width: int,
+        scale: int,
+        expansion: int,
         num_blocks: Sequence[int] = BLOCKS_PER_STAGE,
     ) -> None:
         super().__init__()
         if len(num_blocks) != 4 or any(int(n) < 1 for n in num_blocks):
-            raise ValueError(f"num_blocks must be four positive block counts, got {list(num_blocks)}")
+            raise ValueError(
+                f"num_blocks must be four positive block counts, got {list(num_blocks)}"
+            )
         self.feat_dim = feat_dim
         self.conv1 = nn.Conv2d(1, m_channels, kernel_size=3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(m_channels)
@@ -218,10 +225,16 @@ class ERes2Net(Res2NetBackbone):
     (not normalised).
     """
 
-    def __init__(self, feat_dim: int = 80, embedding_size: int = 192, m_channels: int = 32,
-                 num_blocks: Sequence[int] = BLOCKS_PER_STAGE) -> None:
-        super().__init__(feat_dim, m_channels, base_width=32, scale=2, expansion=2,
-                         num_blocks=num_blocks)
+    def __init__(
+        self,
+        feat_dim: int = 80,
+        embedding_size: int = 192,
+        m_channels: int = 32,
+        num_blocks: Sequence[int] = BLOCKS_PER_STAGE,
+    ) -> None:
+        super().__init__(
+            feat_dim, m_channels, base_width=32, scale=2, expansion=2, num_blocks=num_blocks
+        )
         self.embedding_size = embedding_size
         c1, c2, c3, c4 = self.stage_channels
         self.layer1_downsample = strided_downsample(c1, c2)

@@ -6,9 +6,9 @@ with ``torch.load(weights_only=True)``. Its keys (written by the trainer):
 ``model`` (embedding-model state_dict, no ``module.`` prefix), ``model_name``, ``model_kwargs``,
 ``classifier``, ``optimizer``, ``scaler`` (fp16 only), ``epoch`` and ``step`` (the position: the
 next batch to train is batch ``step`` of epoch ``epoch``, both from 0), ``global_step``,
-``sampler`` (epoch, start index, local batch, world size, dataset size, seed), ``rank_states`` (one per rank: random
-number generator states and the running epoch statistics), ``history`` (per-epoch summaries),
-``config`` (the merged config) and ``format_version``.
+``sampler`` (epoch, start index, local batch, world size, dataset size, seed), ``rank_states``
+(one per rank: random number generator states and the running epoch statistics),
+``history`` (per-epoch summaries), ``config`` (the merged config) and ``format_version``.
 
 Files are named ``ckpt_<global step, 9 digits>.pt`` so that the newest sorts last. A save writes a
 temporary file in the same folder, flushes it to disk and renames it over the final name, so a
@@ -142,11 +142,17 @@ def capture_rng_state(device: torch.device) -> dict[str, Any]:
     version, python_state, gauss_next = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
-                  "pos": int(numpy_state[2]), "has_gauss": int(numpy_state[3]),
-                  "cached_gaussian": float(numpy_state[4])},
-        "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64),
-                   "gauss_next": gauss_next},
+        "numpy": {
+            "keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+            "pos": int(numpy_state[2]),
+            "has_gauss": int(numpy_state[3]),
+            "cached_gaussian": float(numpy_state[4]),
+        },
+        "python": {
+            "version": version,
+            "state": torch.tensor(python_state, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
     }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -157,11 +163,18 @@ def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
     """Set the generators back to a state from :func:`capture_rng_state`."""
     torch.set_rng_state(state["torch"])
     numpy_state = state["numpy"]
-    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32),
-                         numpy_state["pos"], numpy_state["has_gauss"],
-                         numpy_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     python_state = state["python"]
-    random.setstate((python_state["version"], tuple(python_state["state"].tolist()),
-                     python_state["gauss_next"]))
+    random.setstate(
+        (python_state["version"], tuple(python_state["state"].tolist()), python_state["gauss_next"])
+    )
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)

@@ -56,7 +56,8 @@ def read_rank_env(environ: Mapping[str, str] | None = None) -> RankEnv:
             f"incomplete distributed environment: {', '.join(present)} set but "
             f"{', '.join(missing)} missing. Launch multi-process training with torchrun "
             "(torchrun --nproc_per_node=N -m speakerlab train ...), or unset "
-            f"{', '.join(present)} to train in one process.")
+            f"{', '.join(present)} to train in one process."
+        )
 
     def integer(name: str, default: str | None = None) -> int:
         text = environ.get(name, default)
@@ -65,15 +66,20 @@ def read_rank_env(environ: Mapping[str, str] | None = None) -> RankEnv:
         except (TypeError, ValueError):
             raise ConfigError(f"environment variable {name}={text!r} is not an integer") from None
 
-    env = RankEnv(rank=integer("RANK"), world_size=integer("WORLD_SIZE"),
-                  local_rank=integer("LOCAL_RANK"),
-                  # torchrun sets LOCAL_WORLD_SIZE; other launchers may not.
-                  local_world_size=integer("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"]))
+    env = RankEnv(
+        rank=integer("RANK"),
+        world_size=integer("WORLD_SIZE"),
+        local_rank=integer("LOCAL_RANK"),
+        # torchrun sets LOCAL_WORLD_SIZE; other launchers may not.
+        local_world_size=integer("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"]),
+    )
     if env.world_size < 1 or not 0 <= env.rank < env.world_size:
         raise ConfigError(f"RANK={env.rank} is outside the job of WORLD_SIZE={env.world_size}")
     if not 0 <= env.local_rank < env.local_world_size:
-        raise ConfigError(f"LOCAL_RANK={env.local_rank} is outside the "
-                          f"{env.local_world_size} processes of this node (LOCAL_WORLD_SIZE)")
+        raise ConfigError(
+            f"LOCAL_RANK={env.local_rank} is outside the "
+            f"{env.local_world_size} processes of this node (LOCAL_WORLD_SIZE)"
+        )
     return env
 
 
@@ -84,19 +90,24 @@ def choose_device(preference: str, env: RankEnv, gpu_count: int | None = None) -
     so the check uses the node's process count and fails alike on every rank.
     """
     if preference not in DEVICE_CHOICES:
-        raise ConfigError(f"trainer.device={preference!r}: choose one of {', '.join(DEVICE_CHOICES)}")
+        raise ConfigError(
+            f"trainer.device={preference!r}: choose one of {', '.join(DEVICE_CHOICES)}"
+        )
     if gpu_count is None:
         gpu_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if preference == "cpu" or (preference == "auto" and gpu_count == 0):
         return torch.device("cpu")
     if gpu_count == 0:
-        raise ConfigError("trainer.device=cuda but no GPU is visible to PyTorch "
-                          "(torch.cuda.is_available() is False); use trainer.device=cpu or auto")
+        raise ConfigError(
+            "trainer.device=cuda but no GPU is visible to PyTorch "
+            "(torch.cuda.is_available() is False); use trainer.device=cpu or auto"
+        )
     if env.local_world_size > gpu_count:
         raise ConfigError(
             f"{env.local_world_size} training processes on this node need one GPU each, but only "
             f"{gpu_count} GPU(s) are visible; start torchrun with --nproc_per_node={gpu_count} or "
-            "fewer, or use trainer.device=cpu")
+            "fewer, or use trainer.device=cpu"
+        )
     return torch.device("cuda", env.local_rank)
 
 
@@ -107,7 +118,8 @@ def local_batch_size(global_batch: int, world_size: int) -> int:
     if global_batch % world_size:
         raise ConfigError(
             f"trainer.batch_size={global_batch} (the global batch) does not divide over "
-            f"{world_size} processes; choose a multiple of {world_size} or change --nproc_per_node")
+            f"{world_size} processes; choose a multiple of {world_size} or change --nproc_per_node"
+        )
     return global_batch // world_size
 
 
@@ -136,8 +148,11 @@ class DistContext:
         return "nccl" if self.device.type == "cuda" else "gloo"
 
 
-def init_distributed(device_preference: str = "auto", timeout_minutes: float = 30.0,
-                     environ: Mapping[str, str] | None = None) -> DistContext:
+def init_distributed(
+    device_preference: str = "auto",
+    timeout_minutes: float = 30.0,
+    environ: Mapping[str, str] | None = None,
+) -> DistContext:
     """Read the torchrun environment, choose the device and join the process group if there is one.
 
     Errors that every rank of a multi-process job meets alike are raised as :class:`EveryRankError`.
@@ -153,8 +168,11 @@ def init_distributed(device_preference: str = "auto", timeout_minutes: float = 3
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
     if ctx.distributed and not dist.is_initialized():
-        dist.init_process_group(backend=ctx.backend, timeout=timedelta(minutes=timeout_minutes),
-                                device_id=ctx.device if ctx.device.type == "cuda" else None)
+        dist.init_process_group(
+            backend=ctx.backend,
+            timeout=timedelta(minutes=timeout_minutes),
+            device_id=ctx.device if ctx.device.type == "cuda" else None,
+        )
     return ctx
 
 
@@ -203,9 +221,11 @@ def run_on_every_rank(ctx: DistContext, step: Callable[[], T]) -> T:
         result = step()
     except SpeakerlabError as err:
         error = err
-    failures = [(rank, message) for rank, message in
-                enumerate(all_gather(ctx, None if error is None else str(error)))
-                if message is not None]
+    failures = [
+        (rank, message)
+        for rank, message in enumerate(all_gather(ctx, None if error is None else str(error)))
+        if message is not None
+    ]
     if not failures:
         return result  # type: ignore[return-value]
     if not ctx.distributed:

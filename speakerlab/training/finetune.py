@@ -2,8 +2,9 @@
 
 ``init_from`` may name a speakerlab experiment folder (its newest checkpoint is used), one of our
 training checkpoints, a plain embedding-model state_dict such as a released 3D-Speaker
-checkpoint, or the ModelScope id of a released model (fetched by :mod:`speakerlab.pretrained`). The embedding model always loads strictly. The classifier loads too when the source has
-one of the width this run needs; otherwise it keeps its fresh initialisation and the log says why.
+checkpoint, or the ModelScope id of a released model (fetched by :mod:`speakerlab.pretrained`).
+The embedding model always loads strictly. The classifier loads too when the source has one of the
+width this run needs; otherwise it keeps its fresh initialisation and the log says why.
 
 Classifier width (``loss.num_classes``): ``auto`` is the number of classes of the training data
 (speakers x speeds); ``init`` keeps the width of the ``init_from`` classifier, as large-margin
@@ -59,8 +60,10 @@ def resolve_init_path(path: str | Path) -> Path:
             checkpoints = list_checkpoints(folder)
             if checkpoints:
                 return checkpoints[-1]
-        raise CheckpointError(f"{path}: a folder without training checkpoints (expected an "
-                              "experiment folder with checkpoints/ckpt_*.pt)")
+        raise CheckpointError(
+            f"{path}: a folder without training checkpoints (expected an "
+            "experiment folder with checkpoints/ckpt_*.pt)"
+        )
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file or experiment folder")
     return path
@@ -85,36 +88,53 @@ def classifier_width(setting: Any, data_classes: int, init: InitSource | None) -
     elif setting == "init":
         if init is None or init.num_classes is None:
             source = "no trainer.init_from" if init is None else f"{init.path} has no classifier"
-            raise ConfigError(f"loss.num_classes=init keeps the classifier of trainer.init_from, but "
-                              f"{source}; give a speakerlab training checkpoint or use "
-                              "loss.num_classes=auto")
+            raise ConfigError(
+                f"loss.num_classes=init keeps the classifier of trainer.init_from, but "
+                f"{source}; give a speakerlab training checkpoint or use "
+                "loss.num_classes=auto"
+            )
         width = init.num_classes
     elif isinstance(setting, int) and not isinstance(setting, bool) and setting > 0:
         width = setting
     else:
         raise ConfigError(f"loss.num_classes={setting!r}: use auto, init or a positive integer")
     if width < data_classes:
-        raise ConfigError(f"the classifier has {width} classes but the training data has "
-                          f"{data_classes} (speakers x speeds); labels would not fit")
+        raise ConfigError(
+            f"the classifier has {width} classes but the training data has "
+            f"{data_classes} (speakers x speeds); labels would not fit"
+        )
     return width
 
 
-def apply_init_source(init: InitSource, model_name: str, model: nn.Module,
-                      classifier: nn.Module) -> None:
+def apply_init_source(
+    init: InitSource, model_name: str, model: nn.Module, classifier: nn.Module
+) -> None:
     """Load the embedding model (strictly) and, when the widths agree, the classifier."""
     if init.model_name is not None and init.model_name != model_name:
-        raise CheckpointError(f"{init.path}: holds a {init.model_name} model but this run trains "
-                              f"{model_name} (model.name)")
+        raise CheckpointError(
+            f"{init.path}: holds a {init.model_name} model but this run trains "
+            f"{model_name} (model.name)"
+        )
     load_state_into(model, init.model_state, init.path)
     width = classifier.weight.shape[0]
     stored = init.classifier_state
     if stored is not None and stored["weight"].shape == classifier.weight.shape:
         classifier.load_state_dict(stored)
-        log.info("initialised embedding model and classifier (%d classes) from %s", width, init.path)
+        log.info(
+            "initialised embedding model and classifier (%d classes) from %s", width, init.path
+        )
     elif stored is None:
-        log.info("initialised the embedding model from %s; it has no classifier, so the classifier "
-                 "(%d classes) is newly initialised", init.path, width)
+        log.info(
+            "initialised the embedding model from %s; it has no classifier, so the classifier "
+            "(%d classes) is newly initialised",
+            init.path,
+            width,
+        )
     else:
-        log.warning("initialised the embedding model from %s; its classifier has %d classes but this "
-                    "run needs %d, so the classifier is re-initialised", init.path,
-                    init.num_classes, width)
+        log.warning(
+            "initialised the embedding model from %s; its classifier has %d classes but this "
+            "run needs %d, so the classifier is re-initialised",
+            init.path,
+            init.num_classes,
+            width,
+        )

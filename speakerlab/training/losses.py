@@ -55,12 +55,19 @@ class MarginSoftmaxLoss(nn.Module):
     ``forward(cosines, labels)`` returns the mean loss; ``margin`` may be changed between calls.
     """
 
-    def __init__(self, margin_type: str = "aam", scale: float = 32.0, margin: float = 0.0,
-                 easy_margin: bool = False) -> None:
+    def __init__(
+        self,
+        margin_type: str = "aam",
+        scale: float = 32.0,
+        margin: float = 0.0,
+        easy_margin: bool = False,
+    ) -> None:
         super().__init__()
         if margin_type not in MARGIN_TYPES:
-            raise ConfigError(f"unknown margin type {margin_type!r} (loss.margin_type); choose one of "
-                              f"{', '.join(MARGIN_TYPES)}")
+            raise ConfigError(
+                f"unknown margin type {margin_type!r} (loss.margin_type); choose one of "
+                f"{', '.join(MARGIN_TYPES)}"
+            )
         self.margin_type = margin_type
         self.scale = scale
         self.margin = margin

@@ -39,13 +39,17 @@ class TrainingMonitor:
         self.exp_dir = Path(exp_dir)
         self.exp_dir.mkdir(parents=True, exist_ok=True)
         formatter = logging.Formatter(LOG_FORMAT)
-        for handler in (logging.FileHandler(self.exp_dir / "train.log"), logging.StreamHandler(sys.stderr)):
+        for handler in (
+            logging.FileHandler(self.exp_dir / "train.log"),
+            logging.StreamHandler(sys.stderr),
+        ):
             handler.setFormatter(formatter)
             self._logger.addHandler(handler)
             self._handlers.append(handler)
         self._logger.setLevel(logging.INFO)
         if self.show_progress:
             from tqdm.contrib.logging import logging_redirect_tqdm
+
             self._redirect.enter_context(logging_redirect_tqdm(loggers=[self._logger]))
 
     def start_tensorboard(self, purge_step: int) -> None:
@@ -54,6 +58,7 @@ class TrainingMonitor:
         if not self.enabled:
             return
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
+
         self._writer = SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=purge_step)
 
     def scalars(self, global_step: int, values: dict[str, float], prefix: str = "train") -> None:
@@ -65,8 +70,15 @@ class TrainingMonitor:
 
     def progress_bar(self, description: str, total: int, initial: int) -> tqdm:
         """A per-epoch bar with rate and ETA (a disabled one on other ranks)."""
-        return tqdm(total=total, initial=initial, desc=description, unit="batch",
-                    disable=not self.show_progress, dynamic_ncols=True, leave=False)
+        return tqdm(
+            total=total,
+            initial=initial,
+            desc=description,
+            unit="batch",
+            disable=not self.show_progress,
+            dynamic_ncols=True,
+            leave=False,
+        )
 
     def close(self) -> None:
         """Flush and detach everything (runs may follow each other in one process)."""

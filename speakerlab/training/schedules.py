@@ -31,8 +31,10 @@ class WarmupCosineLR:
 
     def __post_init__(self) -> None:
         if self.warmup_epochs < 0 or self.epochs <= 0:
-            raise ConfigError(f"optim.warmup_epochs={self.warmup_epochs} and trainer.epochs="
-                              f"{self.epochs} must be non-negative and positive")
+            raise ConfigError(
+                f"optim.warmup_epochs={self.warmup_epochs} and trainer.epochs="
+                f"{self.epochs} must be non-negative and positive"
+            )
 
     def __call__(self, t: float) -> float:
         if t < self.warmup_epochs:
@@ -66,4 +68,4 @@ class MarginSchedule:
         if t >= self.fix_epoch:
             return self.final
         ramp = (t - self.increase_start_epoch) / (self.fix_epoch - self.increase_start_epoch)
-        return self.initial + (self.final - self.initial) * (1.0 - self.RAMP_FLOOR ** ramp)
+        return self.initial + (self.final - self.initial) * (1.0 - self.RAMP_FLOOR**ramp)

@@ -27,9 +27,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,11 +46,27 @@ from speakerlab.errors import CheckpointError, ConfigError
 from speakerlab.models import build_model
 from speakerlab.models.checkpoint import load_state_into
 from speakerlab.training.checkpointing import (
-    FORMAT_VERSION, capture_rng_state, checkpoint_dir, checkpoint_path, list_checkpoints,
-    load_latest_checkpoint, prune_checkpoints, restore_rng_state, save_checkpoint)
+    FORMAT_VERSION,
+    capture_rng_state,
+    checkpoint_dir,
+    checkpoint_path,
+    list_checkpoints,
+    load_latest_checkpoint,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+)
 from speakerlab.training.distributed import (
-    DistContext, EveryRankError, all_gather, all_reduce_max, all_reduce_sum, init_distributed,
-    local_batch_size, run_on_every_rank, shutdown_distributed)
+    DistContext,
+    EveryRankError,
+    all_gather,
+    all_reduce_max,
+    all_reduce_sum,
+    init_distributed,
+    local_batch_size,
+    run_on_every_rank,
+    shutdown_distributed,
+)
 from speakerlab.training.finetune import apply_init_source, classifier_width, read_init_source
 from speakerlab.training.losses import CosineClassifier, MarginSoftmaxLoss, SpeakerClassifierNet
 from speakerlab.training.progress import TrainingMonitor
@@ -88,7 +105,7 @@ class EpochStats:
         return [self.loss_sum, float(self.correct), float(self.count), float(self.skipped)]
 
     @classmethod
-    def from_list(cls, values: list[float]) -> "EpochStats":
+    def from_list(cls, values: list[float]) -> EpochStats:
         loss_sum, correct, count, skipped = values
         return cls(float(loss_sum), int(correct), int(count), int(skipped))
 
@@ -98,7 +115,9 @@ def plain_config(cfg: DictConfig) -> DictConfig:
     try:
         return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     except MissingMandatoryValue as err:
-        raise ConfigError(f"{err.full_key} must be set (add {err.full_key}=... to the command)") from None
+        raise ConfigError(
+            f"{err.full_key} must be set (add {err.full_key}=... to the command)"
+        ) from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid configuration: {err}") from None
 
@@ -122,17 +141,26 @@ def model_spec(model_cfg: DictConfig) -> tuple[str, dict[str, Any]]:
 OPTIMIZERS = ("sgd", "adamw")
 
 
-def build_optimizer(parameters: Iterable[torch.nn.Parameter], optim_cfg: DictConfig,
-                    lr: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    parameters: Iterable[torch.nn.Parameter], optim_cfg: DictConfig, lr: float
+) -> torch.optim.Optimizer:
     """The optimizer of the ``optim`` group (conf/optim/): SGD with momentum, or AdamW."""
     name = optim_cfg.get("name", "sgd")
     if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, momentum=float(optim_cfg.momentum),
-                               nesterov=bool(optim_cfg.nesterov),
-                               weight_decay=float(optim_cfg.weight_decay))
+        return torch.optim.SGD(
+            parameters,
+            lr=lr,
+            momentum=float(optim_cfg.momentum),
+            nesterov=bool(optim_cfg.nesterov),
+            weight_decay=float(optim_cfg.weight_decay),
+        )
     if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, betas=tuple(float(b) for b in optim_cfg.betas),
-                                 weight_decay=float(optim_cfg.weight_decay))
+        return torch.optim.AdamW(
+            parameters,
+            lr=lr,
+            betas=tuple(float(b) for b in optim_cfg.betas),
+            weight_decay=float(optim_cfg.weight_decay),
+        )
     raise ConfigError(f"optim.name={name!r}: choose one of {', '.join(OPTIMIZERS)}")
 
 
@@ -157,7 +185,7 @@ def configure_determinism(deterministic: bool, num_threads: int | None) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed torch, numpy and Python's generators (model initialisation is identical on all ranks)."""
+    """Seed torch, numpy and Python's generators (the model starts identical on all ranks)."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -179,14 +207,22 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.trainer.precision, ctx.device)
         if int(cfg.trainer.keep_last) < 1:
             raise ConfigError(f"trainer.keep_last={cfg.trainer.keep_last} must be at least 1")
-        self.lr_schedule = WarmupCosineLR(float(cfg.optim.lr), float(cfg.optim.min_lr),
-                                          float(cfg.optim.warmup_epochs), float(self.epochs))
+        self.lr_schedule = WarmupCosineLR(
+            float(cfg.optim.lr),
+            float(cfg.optim.min_lr),
+            float(cfg.optim.warmup_epochs),
+            float(self.epochs),
+        )
         margin = cfg.loss.margin
-        self.margin_schedule = MarginSchedule(float(margin.initial), float(margin.final),
-                                              float(margin.increase_start_epoch),
-                                              float(margin.fix_epoch))
-        self.loss_fn = MarginSoftmaxLoss(cfg.loss.margin_type, float(cfg.loss.scale),
-                                         easy_margin=bool(cfg.loss.easy_margin))
+        self.margin_schedule = MarginSchedule(
+            float(margin.initial),
+            float(margin.final),
+            float(margin.increase_start_epoch),
+            float(margin.fix_epoch),
+        )
+        self.loss_fn = MarginSoftmaxLoss(
+            cfg.loss.margin_type, float(cfg.loss.scale), easy_margin=bool(cfg.loss.easy_margin)
+        )
         self.model_name, self.model_kwargs = model_spec(cfg.model)
         if "embedding_size" not in self.model_kwargs:
             raise ConfigError("model.embedding_size must be set (the classifier's input width)")
@@ -195,10 +231,12 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.resumed_from: Path | None = None
         self.epoch_end_save_due = False
-        self.index_path = Path(cfg.data.index) if cfg.data.index else self.exp_dir / "train_index.tsv"
+        self.index_path = (
+            Path(cfg.data.index) if cfg.data.index else self.exp_dir / "train_index.tsv"
+        )
 
     @classmethod
-    def create(cls, cfg: DictConfig, ctx: DistContext, monitor: TrainingMonitor) -> "Trainer":
+    def create(cls, cfg: DictConfig, ctx: DistContext, monitor: TrainingMonitor) -> Trainer:
         """Validate the config and build data, model and optimizer, resuming when a checkpoint
         exists. Failures on any rank stop every rank with one message."""
         trainer = run_on_every_rank(ctx, lambda: cls(cfg, ctx, monitor))
@@ -216,17 +254,27 @@ class Trainer:
         rank reads the index, and the checkpoints rank 0 writes, from there)."""
         if self.ctx.is_main:
             data = self.cfg.data
-            build_train_index(data.train_dir, self.index_path,
-                              segment_seconds=float(data.segment_seconds),
-                              max_bad_fraction=float(data.max_bad_fraction))
+            build_train_index(
+                data.train_dir,
+                self.index_path,
+                segment_seconds=float(data.segment_seconds),
+                max_bad_fraction=float(data.max_bad_fraction),
+            )
 
     def _build(self) -> None:
         cfg, ctx = self.cfg, self.ctx
         seed_everything(int(cfg.seed))
-        self.dataset: TrainDataset = build_train_dataset(cfg.data, self.index_path, seed=int(cfg.seed))
-        self.sampler = DistributedResumableSampler(len(self.dataset), num_replicas=ctx.world_size,
-                                                   rank=ctx.rank, seed=int(cfg.seed), shuffle=True,
-                                                   drop_last=True)
+        self.dataset: TrainDataset = build_train_dataset(
+            cfg.data, self.index_path, seed=int(cfg.seed)
+        )
+        self.sampler = DistributedResumableSampler(
+            len(self.dataset),
+            num_replicas=ctx.world_size,
+            rank=ctx.rank,
+            seed=int(cfg.seed),
+            shuffle=True,
+            drop_last=True,
+        )
         self.sampler.set_epoch(0)
         self.steps_per_epoch = len(self.sampler) // self.local_batch
         if cfg.trainer.max_steps_per_epoch:
@@ -235,22 +283,31 @@ class Trainer:
             raise ConfigError(
                 f"{self.index_path}: {len(self.dataset)} training items give no full batch of "
                 f"{self.local_batch} per process (trainer.batch_size={cfg.trainer.batch_size} over "
-                f"{ctx.world_size} processes); lower trainer.batch_size")
+                f"{ctx.world_size} processes); lower trainer.batch_size"
+            )
         workers = int(cfg.data.num_workers)
         self.loader_generator = torch.Generator()
         self.loader = DataLoader(
-            self.dataset, batch_size=self.local_batch, sampler=self.sampler, num_workers=workers,
-            drop_last=True, pin_memory=ctx.device.type == "cuda",
+            self.dataset,
+            batch_size=self.local_batch,
+            sampler=self.sampler,
+            num_workers=workers,
+            drop_last=True,
+            pin_memory=ctx.device.type == "cuda",
             prefetch_factor=int(cfg.data.prefetch_factor) if workers > 0 else None,
             # The dataset's epoch lives in shared memory, so workers can outlive an epoch.
-            persistent_workers=workers > 0, worker_init_fn=limit_worker_threads,
+            persistent_workers=workers > 0,
+            worker_init_fn=limit_worker_threads,
             # The loader draws its worker seeds from its own generator, not the global one.
-            generator=self.loader_generator)
+            generator=self.loader_generator,
+        )
 
         self.model = build_embedding_model(self.model_name, self.model_kwargs)
         if not cfg.trainer.resume and list_checkpoints(self.ckpt_dir):
-            raise ConfigError(f"{self.ckpt_dir} holds checkpoints of an earlier run and "
-                              "trainer.resume=false; use a new exp_dir (or remove them)")
+            raise ConfigError(
+                f"{self.ckpt_dir} holds checkpoints of an earlier run and "
+                "trainer.resume=false; use a new exp_dir (or remove them)"
+            )
         resume = load_latest_checkpoint(self.ckpt_dir) if cfg.trainer.resume else None
         init = None
         if resume is None and cfg.trainer.init_from:
@@ -262,7 +319,9 @@ class Trainer:
         self.classifier = CosineClassifier(int(self.model_kwargs["embedding_size"]), width)
         self.net = SpeakerClassifierNet(self.model, self.classifier).to(ctx.device)
         self.optimizer = build_optimizer(self.net.parameters(), cfg.optim, self.lr_schedule(0.0))
-        self.scaler = torch.amp.GradScaler(ctx.device.type) if self.amp_dtype == torch.float16 else None
+        self.scaler = (
+            torch.amp.GradScaler(ctx.device.type) if self.amp_dtype == torch.float16 else None
+        )
 
         if resume is not None:
             self._restore(*resume)
@@ -278,14 +337,17 @@ class Trainer:
             raise CheckpointError(
                 f"{path}: the run in {self.exp_dir} has a {width}-class classifier but this "
                 f"configuration needs {expected}; the data or loss.num_classes changed since it "
-                "started; use a new exp_dir")
+                "started; use a new exp_dir"
+            )
         return classifier_width(width, self.dataset.num_classes, None)
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
         """Continue the run saved in ``state`` exactly where it stopped."""
         if state.get("model_name") != self.model_name:
-            raise CheckpointError(f"{path}: holds a {state.get('model_name')} run but model.name is "
-                                  f"{self.model_name}; use a new exp_dir")
+            raise CheckpointError(
+                f"{path}: holds a {state.get('model_name')} run but model.name is "
+                f"{self.model_name}; use a new exp_dir"
+            )
         load_state_into(self.model, state["model"], path)
         load_state_into(self.classifier, state["classifier"], path)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -294,26 +356,35 @@ class Trainer:
         self.position = Position(int(state["epoch"]), int(state["step"]), int(state["global_step"]))
         self.history = list(state.get("history", []))
         sampler = state["sampler"]
-        same_layout = (sampler["world_size"] == self.ctx.world_size
-                       and sampler["local_batch"] == self.local_batch)
+        same_layout = (
+            sampler["world_size"] == self.ctx.world_size
+            and sampler["local_batch"] == self.local_batch
+        )
         if self.position.step > 0 and sampler["dataset_size"] != len(self.dataset):
             raise CheckpointError(
                 f"{path}: saved in the middle of epoch {self.position.epoch + 1} of a "
                 f"{sampler['dataset_size']}-item training index, but {self.index_path} now has "
-                f"{len(self.dataset)} items; the data changed since the run started")
+                f"{len(self.dataset)} items; the data changed since the run started"
+            )
         if self.position.step > 0 and not same_layout:
             raise CheckpointError(
                 f"{path}: saved in the middle of epoch {self.position.epoch + 1} by "
                 f"{sampler['world_size']} processes with {sampler['local_batch']} items each; "
                 f"resume it with the same process count and trainer.batch_size (now "
-                f"{self.ctx.world_size} x {self.local_batch})")
+                f"{self.ctx.world_size} x {self.local_batch})"
+            )
         if same_layout:
             rank_state = state["rank_states"][self.ctx.rank]
             restore_rng_state(rank_state["rng"], self.ctx.device)
             self.stats = EpochStats.from_list(rank_state["epoch_stats"])
         else:
-            log.warning("%s was saved by %d processes, this run has %d: random-number states are "
-                        "not restored", path, sampler["world_size"], self.ctx.world_size)
+            log.warning(
+                "%s was saved by %d processes, this run has %d: random-number states are "
+                "not restored",
+                path,
+                sampler["world_size"],
+                self.ctx.world_size,
+            )
         self.resumed_from = path
 
     def _wrap_for_distributed(self) -> None:
@@ -347,22 +418,44 @@ class Trainer:
         if final is None:
             log.info("training was already complete (%d epochs)", self.epochs)
             final = self.resumed_from
-        log.info("finished; final checkpoint %s (export the embedding model with: speakerlab "
-                 "export --checkpoint %s --out <model.ckpt>)", final, final)
+        log.info(
+            "finished; final checkpoint %s (export the embedding model with: speakerlab "
+            "export --checkpoint %s --out <model.ckpt>)",
+            final,
+            final,
+        )
         return final
 
     def _log_start(self) -> None:
         ctx = self.ctx
         params = sum(p.numel() for p in self.model.parameters())
-        log.info("experiment %s: %s %s (%d parameters), %d classes, %d items, %d iterations per "
-                 "epoch, %d epochs", self.exp_dir, self.model_name, self.model_kwargs, params,
-                 self.classifier.num_classes, len(self.dataset), self.steps_per_epoch, self.epochs)
-        log.info("%d process(es) on %s (%s), %d items per process, precision %s", ctx.world_size,
-                 ctx.device, ctx.backend or "no process group", self.local_batch,
-                 self.cfg.trainer.precision)
+        log.info(
+            "experiment %s: %s %s (%d parameters), %d classes, %d items, %d iterations per "
+            "epoch, %d epochs",
+            self.exp_dir,
+            self.model_name,
+            self.model_kwargs,
+            params,
+            self.classifier.num_classes,
+            len(self.dataset),
+            self.steps_per_epoch,
+            self.epochs,
+        )
+        log.info(
+            "%d process(es) on %s (%s), %d items per process, precision %s",
+            ctx.world_size,
+            ctx.device,
+            ctx.backend or "no process group",
+            self.local_batch,
+            self.cfg.trainer.precision,
+        )
         if self.resumed_from is not None:
-            log.info("resumed from %s at epoch %d, iteration %d", self.resumed_from,
-                     self.position.epoch + 1, self.position.step)
+            log.info(
+                "resumed from %s at epoch %d, iteration %d",
+                self.resumed_from,
+                self.position.epoch + 1,
+                self.position.step,
+            )
 
     def _train_epoch(self) -> Path | None:
         """Train from the current position to the end of its epoch; returns the checkpoint
@@ -376,7 +469,9 @@ class Trainer:
         self.epoch_start_step = start
         self.train_net.train()
         self.epoch_end_save_due = False
-        bar = self.monitor.progress_bar(f"epoch {epoch + 1}/{self.epochs}", self.steps_per_epoch, start)
+        bar = self.monitor.progress_bar(
+            f"epoch {epoch + 1}/{self.epochs}", self.steps_per_epoch, start
+        )
         window = _Window()
         batches = iter(self.loader)
         try:
@@ -387,8 +482,10 @@ class Trainer:
                 saved_mid_epoch = self._train_step(epoch, step, features, labels, window)
                 window.seconds += time.perf_counter() - fetch_start
                 bar.update(1)
-                if window.steps and (self.position.global_step % int(self.cfg.trainer.log_every_steps) == 0
-                                     or saved_mid_epoch):
+                if window.steps and (
+                    self.position.global_step % int(self.cfg.trainer.log_every_steps) == 0
+                    or saved_mid_epoch
+                ):
                     self._log_window(window, bar)
                     window = _Window()
         finally:
@@ -397,8 +494,9 @@ class Trainer:
             self._log_window(window, bar)
         return self._finish_epoch(epoch)
 
-    def _train_step(self, epoch: int, step: int, features: torch.Tensor, labels: torch.Tensor,
-                    window: "_Window") -> bool:
+    def _train_step(
+        self, epoch: int, step: int, features: torch.Tensor, labels: torch.Tensor, window: _Window
+    ) -> bool:
         """One iteration; returns whether a mid-epoch checkpoint was written after it."""
         ctx, cfg = self.ctx, self.cfg
         t = training_position(epoch, step, self.steps_per_epoch)
@@ -409,14 +507,20 @@ class Trainer:
         features = features.to(ctx.device, non_blocking=True)
         labels = labels.to(ctx.device, non_blocking=True)
 
-        autocast = (torch.autocast(ctx.device.type, dtype=self.amp_dtype)
-                    if self.amp_dtype is not None else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(ctx.device.type, dtype=self.amp_dtype)
+            if self.amp_dtype is not None
+            else contextlib.nullcontext()
+        )
         with autocast:
             cosines = self.train_net(features)
         loss = self.loss_fn(cosines, labels)
 
-        time_due = (ctx.is_main and float(cfg.trainer.save_every_minutes) > 0 and
-                    time.monotonic() - self.last_save_time >= 60 * float(cfg.trainer.save_every_minutes))
+        time_due = (
+            ctx.is_main
+            and float(cfg.trainer.save_every_minutes) > 0
+            and time.monotonic() - self.last_save_time >= 60 * float(cfg.trainer.save_every_minutes)
+        )
         local_bad = not bool(torch.isfinite(loss))
         any_bad, time_due = all_reduce_max(ctx, [float(local_bad), float(time_due)])
         self.optimizer.zero_grad(set_to_none=True)
@@ -451,20 +555,26 @@ class Trainer:
     def _handle_nonfinite(self, epoch: int, step: int, local_loss: float | None) -> None:
         """Skip the batch on every rank, or stop with the step and the offending items named."""
         first = (step - self.epoch_start_step) * self.local_batch
-        items = self.epoch_items[first:first + self.local_batch]
+        items = self.epoch_items[first : first + self.local_batch]
         report = None if local_loss is None else (local_loss, self._describe_items(items))
-        reports = [(rank, r) for rank, r in enumerate(all_gather(self.ctx, report)) if r is not None]
-        where = (f"epoch {epoch + 1}, iteration {step + 1}/{self.steps_per_epoch} "
-                 f"(global step {self.position.global_step + 1})")
-        batches = "; ".join(f"rank {rank}: loss {value} on items {names}"
-                            for rank, (value, names) in reports)
+        reports = [
+            (rank, r) for rank, r in enumerate(all_gather(self.ctx, report)) if r is not None
+        ]
+        where = (
+            f"epoch {epoch + 1}, iteration {step + 1}/{self.steps_per_epoch} "
+            f"(global step {self.position.global_step + 1})"
+        )
+        batches = "; ".join(
+            f"rank {rank}: loss {value} on items {names}" for rank, (value, names) in reports
+        )
         if bool(self.cfg.trainer.skip_nonfinite):
             self.stats.skipped += 1
             log.warning("non-finite loss at %s, batch skipped (%s)", where, batches)
             return
         raise NonFiniteLossError(
             f"non-finite loss at {where}: {batches}. Lower optim.lr, check those items, or set "
-            "trainer.skip_nonfinite=true to skip such batches")
+            "trainer.skip_nonfinite=true to skip such batches"
+        )
 
     def _describe_items(self, items: list[int]) -> str:
         """Utterance ids of dataset rows (the first few), for messages."""
@@ -472,43 +582,76 @@ class Trainer:
         more = f" and {len(items) - _NAMED_ITEMS} more" if len(items) > _NAMED_ITEMS else ""
         return ", ".join(names) + more
 
-    def _log_window(self, window: "_Window", bar: Any) -> None:
+    def _log_window(self, window: _Window, bar: Any) -> None:
         """Report the iterations since the last report (rank 0's batches)."""
         if not self.ctx.is_main:
             return
         samples_per_second = window.samples * self.ctx.world_size / max(window.seconds, 1e-9)
-        values = {"loss": window.mean_loss, "accuracy": window.accuracy, "lr": window.lr,
-                  "margin": window.margin, "samples_per_second": samples_per_second,
-                  "data_wait_fraction": window.data_seconds / max(window.seconds, 1e-9)}
+        values = {
+            "loss": window.mean_loss,
+            "accuracy": window.accuracy,
+            "lr": window.lr,
+            "margin": window.margin,
+            "samples_per_second": samples_per_second,
+            "data_wait_fraction": window.data_seconds / max(window.seconds, 1e-9),
+        }
         self.monitor.scalars(self.position.global_step, values)
-        bar.set_postfix({"loss": f"{window.mean_loss:.3f}", "acc": f"{100 * window.accuracy:.1f}%",
-                         "lr": f"{window.lr:.2e}"}, refresh=False)
-        log.info("epoch %d iteration %d/%d: loss %.4f accuracy %.2f%% lr %.3g margin %.3f "
-                 "%.1f samples/s data wait %.1f%%", self.position.epoch + 1, self.position.step,
-                 self.steps_per_epoch, window.mean_loss, 100 * window.accuracy, window.lr,
-                 window.margin, samples_per_second, 100 * values["data_wait_fraction"])
+        bar.set_postfix(
+            {
+                "loss": f"{window.mean_loss:.3f}",
+                "acc": f"{100 * window.accuracy:.1f}%",
+                "lr": f"{window.lr:.2e}",
+            },
+            refresh=False,
+        )
+        log.info(
+            "epoch %d iteration %d/%d: loss %.4f accuracy %.2f%% lr %.3g margin %.3f "
+            "%.1f samples/s data wait %.1f%%",
+            self.position.epoch + 1,
+            self.position.step,
+            self.steps_per_epoch,
+            window.mean_loss,
+            100 * window.accuracy,
+            window.lr,
+            window.margin,
+            samples_per_second,
+            100 * values["data_wait_fraction"],
+        )
 
     def _finish_epoch(self, epoch: int) -> Path | None:
         """Epoch summary over all ranks, history, and the epoch-end checkpoint."""
         loss_sum, correct, count, _ = all_reduce_sum(self.ctx, self.stats.as_list())
         skipped = self.stats.skipped  # every rank skips the same batches
-        summary = {"epoch": epoch + 1,
-                   "loss": loss_sum / count if count else math.nan,
-                   "accuracy": correct / count if count else math.nan,
-                   "lr": self.lr_schedule(epoch + 1.0),
-                   "margin": self.margin_schedule(epoch + 1.0),
-                   "items": int(count),
-                   "skipped_batches": int(skipped)}
+        summary = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / count if count else math.nan,
+            "accuracy": correct / count if count else math.nan,
+            "lr": self.lr_schedule(epoch + 1.0),
+            "margin": self.margin_schedule(epoch + 1.0),
+            "items": int(count),
+            "skipped_batches": int(skipped),
+        }
         self.history.append(summary)
         self.stats = EpochStats()
         self.position = Position(epoch + 1, 0, self.position.global_step)
-        log.info("epoch %d/%d done: loss %.4f accuracy %.2f%% (%d batches skipped)", epoch + 1,
-                 self.epochs, summary["loss"], 100 * summary["accuracy"], summary["skipped_batches"])
-        self.monitor.scalars(self.position.global_step,
-                             {k: summary[k] for k in ("loss", "accuracy")}, prefix="epoch")
+        log.info(
+            "epoch %d/%d done: loss %.4f accuracy %.2f%% (%d batches skipped)",
+            epoch + 1,
+            self.epochs,
+            summary["loss"],
+            100 * summary["accuracy"],
+            summary["skipped_batches"],
+        )
+        self.monitor.scalars(
+            self.position.global_step, {k: summary[k] for k in ("loss", "accuracy")}, prefix="epoch"
+        )
         every_epochs = int(self.cfg.trainer.save_every_epochs)
         last = epoch + 1 == self.epochs
-        if last or self.epoch_end_save_due or (every_epochs > 0 and (epoch + 1) % every_epochs == 0):
+        if (
+            last
+            or self.epoch_end_save_due
+            or (every_epochs > 0 and (epoch + 1) % every_epochs == 0)
+        ):
             return self._save()
         return None
 
@@ -516,7 +659,10 @@ class Trainer:
 
     def _save(self) -> Path:
         """Checkpoint the current position (collective: every rank contributes its RNG state)."""
-        rank_state = {"rng": capture_rng_state(self.ctx.device), "epoch_stats": self.stats.as_list()}
+        rank_state = {
+            "rng": capture_rng_state(self.ctx.device),
+            "epoch_stats": self.stats.as_list(),
+        }
         rank_states = all_gather(self.ctx, rank_state)
         path = checkpoint_path(self.ckpt_dir, self.position.global_step)
         if self.ctx.is_main:
@@ -540,9 +686,14 @@ class Trainer:
             "epoch": pos.epoch,
             "step": pos.step,
             "global_step": pos.global_step,
-            "sampler": {"epoch": pos.epoch, "start": pos.step * self.local_batch,
-                        "local_batch": self.local_batch, "world_size": self.ctx.world_size,
-                        "dataset_size": len(self.dataset), "seed": int(self.cfg.seed)},
+            "sampler": {
+                "epoch": pos.epoch,
+                "start": pos.step * self.local_batch,
+                "local_batch": self.local_batch,
+                "world_size": self.ctx.world_size,
+                "dataset_size": len(self.dataset),
+                "seed": int(self.cfg.seed),
+            },
             "rank_states": [_cpu_tensors(state) for state in rank_states],
             "history": list(self.history),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -613,8 +764,9 @@ def train(cfg: DictConfig) -> Path:
     try:
         configure_determinism(bool(cfg.trainer.deterministic), cfg.trainer.num_threads)
         ctx = init_distributed(cfg.trainer.device, float(cfg.trainer.dist_timeout_minutes))
-        monitor = TrainingMonitor(cfg.exp_dir, enabled=ctx.is_main,
-                                  progress_bar=bool(cfg.trainer.progress_bar))
+        monitor = TrainingMonitor(
+            cfg.exp_dir, enabled=ctx.is_main, progress_bar=bool(cfg.trainer.progress_bar)
+        )
         trainer = None
         try:
             trainer = Trainer.create(cfg, ctx, monitor)
