@@ -31,7 +31,8 @@ import soundfile
 import torch
 
 from speakerlab.audio import load_audio
-from speakerlab.extract import RankInfo, TorchEmbedder, extract_embeddings, read_embeddings
+from speakerlab.distributed import DistContext
+from speakerlab.extract import TorchEmbedder, extract_embeddings, read_embeddings
 from speakerlab.features import fbank
 from speakerlab.models import build_model
 from speakerlab.onnx_export import OnnxEmbedder, export_onnx
@@ -109,7 +110,7 @@ def _rank_worker(
         embedder,
         out_dir,
         batch_size=batch_size,
-        ranks=RankInfo(rank, world_size),
+        ranks=DistContext(rank, world_size, 0, torch.device("cpu"), "gloo"),
         progress=False,
     )
     if rank == 0:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from speakerlab.data.kaldi_dir import read_table, spk2utt_from_utt2spk, write_table
 from speakerlab.errors import DataError, SpeakerlabError
+from speakerlab.fileio import write_text_atomic
 
 SPLITS = ("train", "test")
 TRIAL_LISTS = ("trials_cross_device", "trials_cross_distance", "trials_cross_dialect")
@@ -200,9 +201,7 @@ def prepare_trials(corpus_dir: Path, out_dir: Path, test_utts: set[str]) -> dict
                 f"warning: {name}: left out {dropped} trials whose audio is missing",
                 file=sys.stderr,
             )
-            tmp = dest.with_name(dest.name + ".tmp")
-            tmp.write_text("".join(kept_lines), encoding="utf-8")
-            tmp.replace(dest)
+            write_text_atomic(dest, "".join(kept_lines))
         else:
             shutil.copyfile(src, dest)
         counts[name] = len(kept_lines)

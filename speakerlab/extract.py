@@ -21,12 +21,10 @@ so the same audio always gives the same embedding (to float rounding across batc
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import kaldiio
@@ -38,6 +36,7 @@ from tqdm import tqdm
 
 from speakerlab.audio import SAMPLE_RATE, audio_info, load_audio
 from speakerlab.data.kaldi_dir import read_wav_scp
+from speakerlab.distributed import DistContext, barrier, single_process
 from speakerlab.errors import AudioError, ConfigError, DataError
 from speakerlab.features import fbank, num_frames
 
@@ -110,17 +109,6 @@ class TorchEmbedder(Embedder):
         with torch.inference_mode():
             out = self.model(feats.to(self.device, non_blocking=True))
         return out.float().cpu().numpy()
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> the local rank's GPU when there is one, else CPU; other names as given."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
 
 
 # --------------------------------------------------------------------------- utterances
@@ -309,41 +297,6 @@ def merge_parts(out_dir: Path, keys: Sequence[str]) -> Path:
     return old_scp
 
 
-# --------------------------------------------------------------------------- ranks
-
-
-@dataclass(frozen=True)
-class RankInfo:
-    """This process's place among the extraction ranks."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_ranks() -> RankInfo:
-    """Join the torchrun process group (gloo: only barriers travel) when ``WORLD_SIZE > 1``."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
-        return RankInfo()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        # Ranks wait for each other at the end, possibly for hours: no short timeout.
-        dist.init_process_group("gloo", timeout=timedelta(hours=48))
-    return RankInfo(dist.get_rank(), dist.get_world_size())
-
-
-def barrier(ranks: RankInfo) -> None:
-    if ranks.world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 # --------------------------------------------------------------------------- extraction
 
 
@@ -384,17 +337,18 @@ def extract_embeddings(
     batch_size: int = 16,
     max_batch_frames: int = 16000,
     num_workers: int = 0,
-    ranks: RankInfo | None = None,
+    ranks: DistContext | None = None,
     progress: bool = True,
     model_tag: str | None = None,
 ) -> Path:
     """Embed every utterance of ``wav_scp`` into ``<out_dir>/embedding.scp`` (+ ``.ark``).
 
     Resumes an interrupted run in ``out_dir``; ``model_tag`` (e.g. the model's path) guards
-    against resuming with a different model. Under torchrun pass ``ranks=init_ranks()``; every
+    against resuming with a different model. Under torchrun pass the context of
+    :func:`speakerlab.distributed.init_distributed`; every
     rank must call this with the same arguments. Returns the path of ``embedding.scp``.
     """
-    ranks = ranks or RankInfo()
+    ranks = ranks or single_process()
     out_dir = Path(out_dir)
     utterances = scan_wav_scp(wav_scp, embedder.min_frames)
     keys = [u.utt for u in utterances]

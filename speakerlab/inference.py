@@ -28,8 +28,9 @@ import torch
 import torchaudio.functional
 
 from speakerlab.audio import SAMPLE_RATE, read_audio
+from speakerlab.distributed import resolve_device
 from speakerlab.errors import AudioError, ConfigError
-from speakerlab.extract import Embedder, TorchEmbedder, resolve_device
+from speakerlab.extract import Embedder, TorchEmbedder
 from speakerlab.features import FRAME_LENGTH_MS, FRAME_SHIFT_MS, fbank, num_frames
 
 AudioInput = str | Path | np.ndarray | torch.Tensor
@@ -105,20 +106,23 @@ def min_seconds(min_frames: int) -> float:
 # --------------------------------------------------------------------------- models
 
 
-def load_embedder(source: str | Path, device: str = "cpu") -> tuple[Embedder, float | None]:
+def load_embedder(
+    source: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Embedder, float | None]:
     """An embedder and its known decision threshold (or None) for a registry id, a checkpoint
     file or an ``.onnx`` file."""
+    device = resolve_device(device) if isinstance(device, str) else device
     if str(source).endswith(".onnx"):
         from speakerlab.onnx_export import OnnxEmbedder
 
-        if device not in ("cpu", "auto"):
-            raise ConfigError(f"{source}: ONNX models run on the CPU here, not on {device!r}")
+        if device.type != "cpu":
+            raise ConfigError(f"{source}: ONNX models run on the CPU here, not on {device}")
         embedder = OnnxEmbedder(source)
         return embedder, embedder.metadata.get("threshold")
     from speakerlab.pretrained import load_model
 
     loaded = load_model(source)
-    return TorchEmbedder(loaded.model, resolve_device(device)), loaded.threshold
+    return TorchEmbedder(loaded.model, device), loaded.threshold
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from torch import nn
 
 from speakerlab.errors import CheckpointError, ConfigError
 from speakerlab.extract import Embedder
+from speakerlab.fileio import atomic_path
 
 INPUT_NAME = "feats"
 OUTPUT_NAME = "embedding"
@@ -51,8 +52,7 @@ def export_onnx(
     model = model.eval().cpu()
     feat_dim = int(getattr(model, "feat_dim", 80))
     example = torch.randn(2, EXPORT_FRAMES, feat_dim, generator=torch.Generator().manual_seed(0))
-    tmp = path.with_name(path.name + ".tmp")
-    with warnings.catch_warnings(), torch.no_grad():
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter warns that it is no longer the default; it is chosen on purpose.
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
@@ -68,12 +68,11 @@ def export_onnx(
             dynamo=False,
             dynamic_axes={INPUT_NAME: {0: "batch", 1: "frames"}, OUTPUT_NAME: {0: "batch"}},
         )
-    graph = onnx.load(str(tmp))
-    for key, value in {"feat_dim": feat_dim, **(metadata or {})}.items():
-        entry = graph.metadata_props.add()
-        entry.key, entry.value = f"speakerlab.{key}", json.dumps(value)
-    onnx.save(graph, str(tmp))
-    tmp.replace(path)
+        graph = onnx.load(str(tmp))
+        for key, value in {"feat_dim": feat_dim, **(metadata or {})}.items():
+            entry = graph.metadata_props.add()
+            entry.key, entry.value = f"speakerlab.{key}", json.dumps(value)
+        onnx.save(graph, str(tmp))
     return path
 
 

@@ -8,7 +8,6 @@ second after the trial file is parsed.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ import numpy as np
 
 from speakerlab.data.kaldi_dir import read_utt2spk, spk2utt_from_utt2spk
 from speakerlab.errors import DataError
+from speakerlab.fileio import atomic_write, write_json_atomic, write_text_atomic
 from speakerlab.metrics import (
     DEFAULT_P_TARGETS,
     ErrorRates,
@@ -322,15 +322,11 @@ def as_norm(
 
 def write_scores(path: str | Path, trials: Trials, scores: np.ndarray) -> Path:
     """Write ``enrol test label score`` lines (label as target/nontarget), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     label_words = [_LABEL_NAMES[label] for label in trials.labels.tolist()]
     lines = map("{} {} {} {:.6f}\n".format, trials.enrol, trials.test, label_words, scores.tolist())
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         f.writelines(lines)
-    tmp.replace(path)
-    return path
+    return Path(path)
 
 
 @dataclass
@@ -381,9 +377,9 @@ def write_results(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, json_path = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
-    md_path.write_text(results_markdown(results), encoding="utf-8")
+    write_text_atomic(md_path, results_markdown(results))
     payload = {"settings": dict(settings or {}), "results": [r.to_json() for r in results]}
-    json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(json_path, payload)
     return md_path, json_path
 
 
@@ -436,10 +432,9 @@ def plot_det(curves: Mapping[str, ErrorRates], path: str | Path, title: str | No
     axes.legend(loc="upper right", fontsize=8)
     axes.set_title(title or "DET curves")
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
-    return path
+    with atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format="png")
+    return Path(path)
 
 
 # --------------------------------------------------------------------------- whole run

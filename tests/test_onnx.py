@@ -102,8 +102,8 @@ def test_onnx_backend_for_extraction_and_verification(tmp_path, capsys):
     )
     # On the CPU the extract command exports a checkpoint itself and runs ONNX Runtime: by
     # default, and with --backend onnx; --backend torch keeps PyTorch.
-    assert extract_cli.choose_backend("auto", "cpu") == "onnx"
-    assert extract_cli.choose_backend("torch", "cpu") == "torch"
+    assert extract_cli.choose_backend("auto", torch.device("cpu")) == "onnx"
+    assert extract_cli.choose_backend("torch", torch.device("cpu")) == "torch"
     extract_cli.main(
         [
             "--model",

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from speakerlab import fileio
 from speakerlab.errors import CheckpointError
 from speakerlab.training import checkpointing
 from speakerlab.training.checkpointing import (
@@ -71,9 +72,7 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 def test_overwriting_a_checkpoint_is_atomic(tmp_path, monkeypatch):
     path = checkpoint_path(tmp_path, 5)
     save_checkpoint(training_state(5), path)
-    monkeypatch.setattr(
-        checkpointing.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk"))
-    )
+    monkeypatch.setattr(fileio.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk")))
     with pytest.raises(OSError):
         save_checkpoint(training_state(6), path)
     monkeypatch.undo()
@@ -84,7 +83,7 @@ def test_overwriting_a_checkpoint_is_atomic(tmp_path, monkeypatch):
 def test_prune_keeps_newest_and_removes_partial_files(tmp_path):
     for step in range(1, 6):
         save_checkpoint(training_state(step), checkpoint_path(tmp_path, step))
-    (tmp_path / "ckpt_000000006.pt.partial").write_bytes(b"torn")
+    (tmp_path / ".ckpt_000000006.pt.x1y2z3.tmp").write_bytes(b"torn")  # left by a killed save
     removed = prune_checkpoints(tmp_path, keep_last=2)
     assert [p.name for p in removed] == [f"ckpt_00000000{i}.pt" for i in (1, 2, 3)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000000004.pt", "ckpt_000000005.pt"]

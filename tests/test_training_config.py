@@ -8,9 +8,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from speakerlab.distributed import DistContext
 from speakerlab.errors import ConfigError
 from speakerlab.models import build_model, count_parameters
-from speakerlab.training.distributed import DistContext
 from speakerlab.training.progress import TrainingMonitor
 from speakerlab.training.schedules import MarginSchedule
 from speakerlab.training.trainer import Trainer, build_optimizer, model_spec, plain_config

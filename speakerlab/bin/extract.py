@@ -13,15 +13,11 @@ from pathlib import Path
 import torch
 
 from speakerlab.bin import exits_on_error
+from speakerlab.distributed import DistContext, barrier, init_distributed
 from speakerlab.errors import ConfigError
-from speakerlab.extract import (
-    Embedder,
-    RankInfo,
-    barrier,
-    extract_embeddings,
-    init_ranks,
-    resolve_device,
-)
+from speakerlab.extract import Embedder, extract_embeddings
+
+EXTRACT_TIMEOUT_MINUTES = 48 * 60
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,25 +75,25 @@ def model_tag(source: str) -> str:
     return str(path.resolve()) if path.is_file() else source
 
 
-def choose_backend(backend: str, device: str) -> str:
+def choose_backend(backend: str, device: torch.device) -> str:
     """``auto``: ONNX Runtime when extraction runs on the CPU, PyTorch on a GPU."""
     if backend != "auto":
         return backend
-    return "onnx" if resolve_device(device).type == "cpu" else "torch"
+    return "onnx" if device.type == "cpu" else "torch"
 
 
-def build_embedder(args: argparse.Namespace, ranks: RankInfo) -> Embedder:
+def build_embedder(args: argparse.Namespace, ranks: DistContext) -> Embedder:
     """The PyTorch model, or ONNX Runtime on a given .onnx file or on an export of the model
     that rank 0 writes to ``<out-dir>/model.onnx`` (ONNX Runtime is faster on the CPU)."""
     from speakerlab.inference import load_embedder
 
-    backend = choose_backend(args.backend, args.device)
+    backend = choose_backend(args.backend, ranks.device)
     if backend == "torch" or args.model.endswith(".onnx"):
-        return load_embedder(args.model, args.device)[0]
+        return load_embedder(args.model, ranks.device)[0]
     from speakerlab.onnx_export import OnnxEmbedder, export_onnx
     from speakerlab.pretrained import load_model
 
-    if resolve_device(args.device).type != "cpu":
+    if ranks.device.type != "cpu":
         raise ConfigError("--backend onnx runs on the CPU; use --device cpu")
     onnx_path = Path(args.out_dir) / "model.onnx"
     if ranks.is_main:  # always: a file left there by another model must not be used
@@ -118,7 +114,10 @@ def build_embedder(args: argparse.Namespace, ranks: RankInfo) -> Embedder:
 def run(args: argparse.Namespace) -> None:
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
-    ranks = init_ranks()
+    # Ranks wait for each other at the end, possibly for hours: a long collective timeout.
+    ranks = init_distributed(
+        args.device, EXTRACT_TIMEOUT_MINUTES, backend="gloo", option="--device"
+    )
     embedder = build_embedder(args, ranks)
     scp = extract_embeddings(
         args.wav_scp,

@@ -36,7 +36,7 @@ REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
 def run(cfg: DictConfig) -> None:
     """Hydra task: train, printing a SpeakerlabError as one clean message (exit status 1)."""
     # Imported here so that `--help` and `--cfg` answer without loading torch's training stack.
-    from speakerlab.training.distributed import error_report
+    from speakerlab.distributed import error_report
     from speakerlab.training.trainer import train
 
     try:

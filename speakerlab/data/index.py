@@ -25,6 +25,7 @@ from tqdm import tqdm
 from speakerlab.audio import SAMPLE_RATE, audio_info
 from speakerlab.data.kaldi_dir import read_utt2spk, read_wav_scp
 from speakerlab.errors import AudioError, DataError
+from speakerlab.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -148,13 +149,11 @@ def build_train_index(
     repeats = np.where(
         good, np.maximum(1, (samples / (segment_seconds * SAMPLE_RATE)).astype(np.int64)), 0
     )
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(out_path) as f:
         f.write(_header_line(data_dir, segment_seconds) + "\n")
         for utt, path, n, count in zip(utts, paths, samples, repeats):
             if count:
                 f.write(f"{utt}\t{path}\t{n}\t{utt2spk[utt]}\n" * int(count))
-    tmp.replace(out_path)
     logger.info(
         "training index %s: %d rows from %d files (%d skipped)",
         out_path,

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from speakerlab.errors import DataError
+from speakerlab.fileio import atomic_write
 
 
 def read_table(path: str | Path, num_fields: int = 2) -> dict[str, str]:
@@ -60,10 +61,6 @@ def spk2utt_from_utt2spk(utt2spk: Mapping[str, str]) -> dict[str, list[str]]:
 
 def write_table(path: str | Path, rows: Iterable[tuple[str, ...]]) -> None:
     """Write whitespace-separated rows atomically (a temp file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         for row in rows:
             f.write(" ".join(row) + "\n")
-    tmp.replace(path)

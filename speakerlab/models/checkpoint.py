@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from speakerlab.errors import CheckpointError
+from speakerlab.fileio import atomic_write
 from speakerlab.models import build_model
 from speakerlab.models.eres2net import BLOCKS_PER_STAGE
 
@@ -226,8 +227,5 @@ def save_embedding_model(model: nn.Module, path: str | Path) -> None:
     """Write the plain state_dict of ``model`` (the released checkpoint layout), atomically."""
     model = getattr(model, "module", model)  # unwrap DDP
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with atomic_write(path, "wb") as handle:
+        torch.save(state, handle)

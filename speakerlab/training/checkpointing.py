@@ -18,7 +18,6 @@ kill at any moment leaves either the old set of checkpoints or the new one, neve
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 from pathlib import Path
@@ -28,11 +27,11 @@ import numpy as np
 import torch
 
 from speakerlab.errors import CheckpointError
+from speakerlab.fileio import atomic_write, temporary_files
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d{9})\.pt$")
-_TMP_SUFFIX = ".partial"
 
 log = logging.getLogger(__name__)
 
@@ -58,38 +57,14 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write ``state`` to ``path`` atomically: a kill during the save leaves ``path`` as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + _TMP_SUFFIX)
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_write(path, "wb") as handle:
+        torch.save(state, handle)
 
 
 def prune_checkpoints(directory: str | Path, keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` checkpoints (and stale temporary files)."""
     directory = Path(directory)
-    for stale in directory.glob("*" + _TMP_SUFFIX):
+    for stale in temporary_files(directory):  # left by a killed save (rank 0 is the only writer)
         stale.unlink(missing_ok=True)
     checkpoints = list_checkpoints(directory)
     doomed = checkpoints[:-keep_last] if keep_last > 0 else []

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import math
 import os
@@ -42,7 +41,19 @@ from torch.utils.data import DataLoader
 from speakerlab.data.dataset import TrainDataset, build_train_dataset, limit_worker_threads
 from speakerlab.data.index import build_train_index
 from speakerlab.data.sampler import DistributedResumableSampler
+from speakerlab.distributed import (
+    DistContext,
+    EveryRankError,
+    all_gather,
+    all_reduce_max,
+    all_reduce_sum,
+    init_distributed,
+    local_batch_size,
+    run_on_every_rank,
+    shutdown_distributed,
+)
 from speakerlab.errors import CheckpointError, ConfigError
+from speakerlab.fileio import write_json_atomic, write_text_atomic
 from speakerlab.models import build_model
 from speakerlab.models.checkpoint import load_state_into
 from speakerlab.training.checkpointing import (
@@ -55,17 +66,6 @@ from speakerlab.training.checkpointing import (
     prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
-)
-from speakerlab.training.distributed import (
-    DistContext,
-    EveryRankError,
-    all_gather,
-    all_reduce_max,
-    all_reduce_sum,
-    init_distributed,
-    local_batch_size,
-    run_on_every_rank,
-    shutdown_distributed,
 )
 from speakerlab.training.finetune import apply_init_source, classifier_width, read_init_source
 from speakerlab.training.losses import CosineClassifier, MarginSoftmaxLoss, SpeakerClassifierNet
@@ -740,19 +740,12 @@ def _cpu_tensors(state: Any) -> Any:
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:
     """Per-epoch summaries as JSON (atomic), for plots and for scripts that check a run."""
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(history, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, history)
 
 
 def save_merged_config(cfg: DictConfig, exp_dir: Path) -> Path:
     """Write the merged, resolved config to ``<exp_dir>/config.yaml`` (atomic)."""
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    path = exp_dir / "config.yaml"
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(OmegaConf.to_yaml(cfg))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(exp_dir / "config.yaml", OmegaConf.to_yaml(cfg))
 
 
 def train(cfg: DictConfig) -> Path:
@@ -763,7 +756,9 @@ def train(cfg: DictConfig) -> Path:
     cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     try:
         configure_determinism(bool(cfg.trainer.deterministic), cfg.trainer.num_threads)
-        ctx = init_distributed(cfg.trainer.device, float(cfg.trainer.dist_timeout_minutes))
+        ctx = init_distributed(
+            cfg.trainer.device, float(cfg.trainer.dist_timeout_minutes), option="trainer.device"
+        )
         monitor = TrainingMonitor(
             cfg.exp_dir, enabled=ctx.is_main, progress_bar=bool(cfg.trainer.progress_bar)
         )

@@ -1,9 +1,13 @@
-"""Process-group set-up for training under ``torchrun``, and the collectives the trainer needs.
+"""Ranks, devices and collectives: one home for training and extraction under ``torchrun``.
 
 Without the torchrun variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
-``MASTER_PORT``) training runs as one plain process. With all of them it joins a process group:
-NCCL when the device is a GPU, gloo on CPU. A partial set is an error, as is a GPU asked for that is
-not there.
+``MASTER_PORT``) a command runs as one plain process. With all of them it joins a process group:
+NCCL for training on GPUs, gloo otherwise (extraction only exchanges barriers, so it always uses
+gloo). A partial set is an error, as is a GPU asked for that is not there.
+
+Device rule (``trainer.device``, ``speakerlab extract --device``, ...): ``auto`` is this process's
+GPU (``cuda:LOCAL_RANK``) when PyTorch sees one, else the CPU; ``cuda`` is that GPU and an error
+without one; ``cuda:N`` names one GPU (one process only); ``cpu`` is the CPU.
 
 Error reporting: a failure that every rank meets alike (a wrong option, a missing GPU on a node, a
 set-up step that fails anywhere) is raised as :class:`EveryRankError`, which the entry point prints
@@ -83,15 +87,19 @@ def read_rank_env(environ: Mapping[str, str] | None = None) -> RankEnv:
     return env
 
 
-def choose_device(preference: str, env: RankEnv, gpu_count: int | None = None) -> torch.device:
-    """The device of this rank for ``trainer.device`` (auto, cpu or cuda).
+def choose_device(
+    preference: str, env: RankEnv, gpu_count: int | None = None, option: str = "device"
+) -> torch.device:
+    """The device of this process for ``preference`` (see the module docstring); ``option``
+    names the setting in messages (``trainer.device``, ``--device``).
 
-    ``auto`` takes a GPU when one is visible. With GPUs, every process of the node needs its own,
-    so the check uses the node's process count and fails alike on every rank.
+    With GPUs, every process of the node needs its own, so the check uses the node's process
+    count and fails alike on every rank.
     """
-    if preference not in DEVICE_CHOICES:
+    explicit = _gpu_number(preference)
+    if preference not in DEVICE_CHOICES and explicit is None:
         raise ConfigError(
-            f"trainer.device={preference!r}: choose one of {', '.join(DEVICE_CHOICES)}"
+            f"{option}={preference!r}: choose one of {', '.join(DEVICE_CHOICES)} or cuda:N"
         )
     if gpu_count is None:
         gpu_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -99,16 +107,36 @@ def choose_device(preference: str, env: RankEnv, gpu_count: int | None = None) -
         return torch.device("cpu")
     if gpu_count == 0:
         raise ConfigError(
-            "trainer.device=cuda but no GPU is visible to PyTorch "
-            "(torch.cuda.is_available() is False); use trainer.device=cpu or auto"
+            f"{option}={preference} but no GPU is visible to PyTorch "
+            f"(torch.cuda.is_available() is False); use {option}=cpu or auto"
         )
+    if explicit is not None:
+        if env.world_size > 1:
+            raise ConfigError(
+                f"{option}={preference} names one GPU, but {env.world_size} processes run; use "
+                "cuda (each process takes the GPU of its LOCAL_RANK) or CUDA_VISIBLE_DEVICES"
+            )
+        if explicit >= gpu_count:
+            raise ConfigError(f"{option}={preference}: only {gpu_count} GPU(s) are visible")
+        return torch.device("cuda", explicit)
     if env.local_world_size > gpu_count:
         raise ConfigError(
-            f"{env.local_world_size} training processes on this node need one GPU each, but only "
+            f"{env.local_world_size} processes on this node need one GPU each, but only "
             f"{gpu_count} GPU(s) are visible; start torchrun with --nproc_per_node={gpu_count} or "
-            "fewer, or use trainer.device=cpu"
+            "fewer, or use the CPU"
         )
     return torch.device("cuda", env.local_rank)
+
+
+def resolve_device(preference: str, option: str = "device") -> torch.device:
+    """:func:`choose_device` for this process as torchrun (or nothing) placed it."""
+    return choose_device(preference, read_rank_env(), option=option)
+
+
+def _gpu_number(preference: str) -> int | None:
+    """N of ``cuda:N``, None for anything else."""
+    prefix, _, number = preference.partition(":")
+    return int(number) if prefix == "cuda" and number.isdigit() else None
 
 
 def local_batch_size(global_batch: int, world_size: int) -> int:
@@ -125,53 +153,60 @@ def local_batch_size(global_batch: int, world_size: int) -> int:
 
 @dataclass(frozen=True)
 class DistContext:
-    """This process's rank, the job size and the device it trains on."""
+    """This process's rank, the job size, its device and the process group's backend."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    backend: str | None = None  # None: no process group (one process)
 
     @property
     def is_main(self) -> bool:
-        """Rank 0 writes logs and checkpoints."""
+        """Rank 0 writes logs, checkpoints and merged outputs."""
         return self.rank == 0
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    @property
-    def backend(self) -> str | None:
-        if not self.distributed:
-            return None
-        return "nccl" if self.device.type == "cuda" else "gloo"
+
+def single_process(device: str | torch.device = "cpu") -> DistContext:
+    """The context of a plain (not torchrun) process on ``device``."""
+    return DistContext(0, 1, 0, torch.device(device))
 
 
 def init_distributed(
     device_preference: str = "auto",
     timeout_minutes: float = 30.0,
     environ: Mapping[str, str] | None = None,
+    backend: str | None = None,
+    option: str = "device",
 ) -> DistContext:
     """Read the torchrun environment, choose the device and join the process group if there is one.
 
-    Errors that every rank of a multi-process job meets alike are raised as :class:`EveryRankError`.
+    ``backend`` None: NCCL on GPUs, gloo on the CPU. Errors that every rank of a multi-process job
+    meets alike are raised as :class:`EveryRankError`.
     """
     env = read_rank_env(environ)
     try:
-        device = choose_device(device_preference, env)
+        device = choose_device(device_preference, env, option=option)
     except ConfigError as err:
         if env.world_size > 1:
             raise EveryRankError(str(err)) from None
         raise
-    ctx = DistContext(env.rank, env.world_size, env.local_rank, device)
+    if env.world_size > 1:
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    else:
+        backend = None
+    ctx = DistContext(env.rank, env.world_size, env.local_rank, device, backend)
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
     if ctx.distributed and not dist.is_initialized():
         dist.init_process_group(
-            backend=ctx.backend,
+            backend=backend,
             timeout=timedelta(minutes=timeout_minutes),
-            device_id=ctx.device if ctx.device.type == "cuda" else None,
+            device_id=ctx.device if backend == "nccl" else None,
         )
     return ctx
 
@@ -180,6 +215,12 @@ def shutdown_distributed(ctx: DistContext) -> None:
     """Leave the process group (if any)."""
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait until every rank gets here (no-op in one process)."""
+    if ctx.distributed:
+        dist.barrier()
 
 
 def all_gather(ctx: DistContext, obj: Any) -> list[Any]:
@@ -194,7 +235,8 @@ def all_gather(ctx: DistContext, obj: Any) -> list[Any]:
 def _all_reduce(ctx: DistContext, values: list[float], op: dist.ReduceOp) -> list[float]:
     if not ctx.distributed:
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    device = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=op)
     return tensor.tolist()
 

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from speakerlab.errors import ConfigError, DataError
-from speakerlab.training.distributed import (
+from speakerlab.distributed import (
     DistContext,
     EveryRankError,
     RankEnv,
@@ -14,7 +13,9 @@ from speakerlab.training.distributed import (
     local_batch_size,
     read_rank_env,
     run_on_every_rank,
+    single_process,
 )
+from speakerlab.errors import ConfigError, DataError
 
 FULL_ENV = {
     "RANK": "3",
@@ -61,12 +62,17 @@ def test_device_choice():
     assert choose_device("cpu", one, gpu_count=4) == torch.device("cpu")
     assert choose_device("auto", one, gpu_count=0) == torch.device("cpu")
     assert choose_device("auto", read_rank_env(FULL_ENV), gpu_count=2) == torch.device("cuda", 1)
-    with pytest.raises(ConfigError, match="trainer.device=cuda but no GPU is visible"):
+    assert choose_device("cuda:1", one, gpu_count=2) == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="device=cuda but no GPU is visible"):
         choose_device("cuda", one, gpu_count=0)
     with pytest.raises(ConfigError, match="--nproc_per_node=2"):
         choose_device("cuda", RankEnv(0, 4, 0, 4), gpu_count=2)
-    with pytest.raises(ConfigError, match="trainer.device='tpu'"):
+    with pytest.raises(ConfigError, match="device='tpu': choose one of auto, cpu, cuda or cuda:N"):
         choose_device("tpu", one)
+    with pytest.raises(ConfigError, match="only 2 GPU"):
+        choose_device("cuda:2", one, gpu_count=2)
+    with pytest.raises(ConfigError, match="names one GPU, but 4 processes run"):
+        choose_device("cuda:0", RankEnv(0, 4, 0, 4), gpu_count=4)
 
 
 def test_global_batch_split():
@@ -87,7 +93,7 @@ def test_missing_gpu_is_one_error_for_every_rank():
 def test_single_process_context():
     ctx = init_distributed("cpu", environ={})
     assert ctx.is_main and not ctx.distributed and ctx.backend is None
-    assert DistContext(1, 2, 1, torch.device("cpu")).backend == "gloo"
+    assert single_process("cpu") == ctx
 
 
 def test_run_on_every_rank_single_process_keeps_the_error():
