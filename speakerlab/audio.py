@@ -7,13 +7,15 @@ Every failure is an :class:`AudioError` that names the file and what is wrong wi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile
-import torch
-import torchaudio.functional
 
 from speakerlab.errors import AudioError
+
+if TYPE_CHECKING:  # torch is imported where needed: header scans (make-index) run without it
+    import torch
 
 SAMPLE_RATE = 16000
 
@@ -48,6 +50,9 @@ def load_audio(
     A file at another rate is an error unless ``resample`` is set (training and test data must
     already be 16 kHz; the inference API resamples whatever people give it).
     """
+    import torch
+    import torchaudio.functional
+
     samples, rate = read_audio(path)
     wav = torch.from_numpy(np.ascontiguousarray(samples))
     if rate != sample_rate:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -67,24 +66,30 @@ def test_index_has_one_row_per_segment_of_audio(mini_data, tmp_path):
     assert index.num_samples[row] == soundfile.info(index.paths[row]).frames
 
 
-def test_index_is_reused_until_its_inputs_change(mini_data, tmp_path):
+def test_index_is_reused_until_its_inputs_change(mini_data, tmp_path, caplog):
     data = tmp_path / "train"
     data.mkdir()
     for name in ("wav.scp", "utt2spk"):
         shutil.copy(mini_data.train_dir / name, data / name)
     out = tmp_path / "index.tsv"
-    build_train_index(data, out)
-    os.utime(out, (1e9 + 10, 1e9 + 10))  # index "built" after the lists below
-    os.utime(data / "wav.scp", (1e9, 1e9))
-    os.utime(data / "utt2spk", (1e9, 1e9))
-    build_train_index(data, out)
-    assert out.stat().st_mtime == 1e9 + 10  # reused
-    build_train_index(data, out, segment_seconds=2.0)
-    assert out.stat().st_mtime > 1e9 + 10  # other parameters: rebuilt
-    os.utime(out, (1e9 + 10, 1e9 + 10))
-    (data / "utt2spk").write_text((data / "utt2spk").read_text())  # lists edited later
-    build_train_index(data, out, segment_seconds=2.0)
-    assert out.stat().st_mtime > 1e9 + 10
+
+    def build(**kwargs) -> bool:
+        """Build; True if the index was written again."""
+        before = out.stat().st_ino if out.exists() else None
+        with caplog.at_level(logging.INFO, logger="speakerlab.data.index"):
+            build_train_index(data, out, **kwargs)
+        return out.stat().st_ino != before
+
+    assert build()
+    (data / "wav.scp").touch()  # newer lists, same content: reused
+    assert not build()
+    assert build(segment_seconds=2.0)
+    assert "segment_seconds 4.0 -> 2.0" in caplog.text
+    assert build(segment_seconds=2.0, max_bad_fraction=0.2)
+    assert "max_bad_fraction 0.1 -> 0.2" in caplog.text
+    (data / "utt2spk").write_text((data / "utt2spk").read_text() + "\n")
+    assert build(segment_seconds=2.0, max_bad_fraction=0.2)
+    assert "utt2spk changed" in caplog.text
 
 
 def make_bad_files(folder: Path) -> dict[str, str]:

@@ -142,7 +142,8 @@ fi
 
 if run_stage 2 && [ -z "$pretrained" ]; then
   log "stage 2: training index"
-  speakerlab make-index --data_dir "$prepared/train" --out "$exp/train_index.tsv"
+  speakerlab make-index --data_dir "$prepared/train" --out "$exp/train_index.tsv" \
+    "experiment=$experiment" "${train_overrides[@]+"${train_overrides[@]}"}"
 fi
 
 if run_stage 3 && [ -z "$pretrained" ]; then
@@ -169,7 +170,8 @@ if run_stage 6 && [ -n "$lm_experiment" ]; then
   [ -z "$pretrained" ] || die "stage 6 fine-tunes a model trained in stage 3; not with --pretrained"
   lm_exp="${exp}_lm"
   log "stage 6: large-margin fine-tuning ($lm_experiment) from $exp into $lm_exp"
-  speakerlab make-index --data_dir "$prepared/train" --out "$lm_exp/train_index.tsv"
+  speakerlab make-index --data_dir "$prepared/train" --out "$lm_exp/train_index.tsv" \
+    "experiment=$lm_experiment" "${train_overrides[@]+"${train_overrides[@]}"}"
   train "$lm_experiment" "$lm_exp" "trainer.init_from=$exp" \
     "${train_overrides[@]+"${train_overrides[@]}"}"
   speakerlab export --checkpoint "$lm_exp" --out "$lm_exp/model.ckpt"
