@@ -265,6 +265,18 @@ def test_a_tab_in_a_path_or_speaker_is_an_error(mini_data, tmp_path):
         build_train_index(data, tmp_path / "index.tsv")
 
 
+def test_a_repeated_utterance_is_an_error(mini_data, tmp_path):
+    """Guards against: an utterance listed twice in wav.scp (two paths) indexed twice."""
+    data = copy_lists(mini_data, tmp_path / "train", 3)
+    lines = (data / "wav.scp").read_text().splitlines()
+    (data / "wav.scp").write_text(
+        "\n".join([*lines, lines[0].split()[0] + " /elsewhere.wav"]) + "\n"
+    )
+    with pytest.raises(DataError, match=r"wav\.scp:4: duplicate key '3D_SPK_"):
+        build_train_index(data, tmp_path / "index.tsv")
+    assert not (tmp_path / "index.tsv").exists()
+
+
 def write_truncated(path: Path) -> Path:
     """A WAV file whose header promises 2 s but which holds 1 s (cut by a failing copy)."""
     soundfile.write(path, np.zeros(2 * SR, dtype=np.float32), SR, subtype="PCM_16")

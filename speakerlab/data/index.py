@@ -277,16 +277,18 @@ def read_labels(data_dir: Path) -> tuple[dict[str, str], int]:
         if "\t" in spk:
             raise DataError(f"{utt2spk_path}:{lineno}: speaker {spk!r} contains a tab")
         utt2spk[utt] = names.setdefault(spk, spk)
-    seen: set[str] = set()
+    unseen = dict.fromkeys(utt2spk)  # shares utt2spk's id strings; emptied as wav.scp is read
     unlabelled: list[str] = []  # the first few, for the message
-    num_unlabelled = 0
+    num_entries = num_unlabelled = 0
     for lineno, utt, path in iter_table(wav_scp):
-        if utt in seen:
-            raise DataError(f"{wav_scp}:{lineno}: duplicate key {utt!r}")
         if "\t" in path:
             raise DataError(f"{wav_scp}:{lineno}: audio path {path!r} contains a tab")
-        seen.add(utt)
-        if utt not in utt2spk:
+        num_entries += 1
+        if utt in unseen:
+            del unseen[utt]
+        elif utt in utt2spk:
+            raise DataError(f"{wav_scp}:{lineno}: duplicate key {utt!r}")
+        else:  # a repeated unlabelled id is reported as unlabelled
             num_unlabelled += 1
             if len(unlabelled) < 5:
                 unlabelled.append(utt)
@@ -295,9 +297,9 @@ def read_labels(data_dir: Path) -> tuple[dict[str, str], int]:
             f"{utt2spk_path}: no speaker for {num_unlabelled} utterances of {wav_scp}, "
             f"e.g. {', '.join(unlabelled)}"
         )
-    if not seen:
+    if not num_entries:
         raise DataError(f"{wav_scp}: no utterances")
-    return utt2spk, len(seen)
+    return utt2spk, num_entries
 
 
 def report_bad(bad: list[tuple[str, str, str]], bad_path: Path) -> None:
