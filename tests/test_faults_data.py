@@ -303,3 +303,24 @@ def test_a_truncated_file_is_a_named_skip(mini_data, tmp_path, capsys):
     assert "3D_SPK_00001_999_cut" not in set(load_train_index(out).utts)
     assert "3D_SPK_00001_999_cut" in (tmp_path / "index.tsv.bad").read_text()
     assert "truncated" in capsys.readouterr().err
+
+
+def test_a_downloaded_archive_changed_after_its_check_is_checked_again(tmp_path):
+    """Guards against: a verified archive overwritten in place (same size, its modification
+    time set back) still taken as verified, because the marker was newer than the file."""
+    import hashlib
+
+    from local.download_3dspeaker import check_md5
+
+    archive = tmp_path / "test.tar.gz"
+    archive.write_bytes(b"A" * 1000)
+    stat = archive.stat()
+    good = hashlib.md5(b"A" * 1000).hexdigest()
+    check_md5(archive, good)
+    assert (tmp_path / "test.tar.gz.md5ok").is_file()
+    with open(archive, "r+b") as f:  # bit rot, or another download over the same file
+        f.write(b"B")
+    os.utime(archive, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(DataError, match="differs from the published"):
+        check_md5(archive, good)
+    assert not archive.exists()
