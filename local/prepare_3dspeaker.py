@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -81,13 +82,15 @@ def resolve_audio_paths(corpus_dir: Path, split: str, relative: dict[str, str]) 
     base = corpus_dir
     if not (corpus_dir / first).exists() and (corpus_dir / split / first).exists():
         base = corpus_dir / split
-    return {utt: str(base / rel.lstrip("/")) for utt, rel in relative.items()}
+    prefix = f"{base}{os.sep}"  # plain strings: a Path per file costs more than the stat
+    return {utt: prefix + rel.lstrip("/") for utt, rel in relative.items()}
 
 
-def read_utt2info_csv(path: Path) -> dict[str, list[str]]:
-    """``utt -> [other fields]`` from ``<split>_utt2info.csv`` (comma separated; an ``Utt-id``
-    header row is skipped; the 6th field is the dialect name)."""
-    info: dict[str, list[str]] = {}
+def read_utt2info_csv(path: Path) -> dict[str, str]:
+    """``utt -> "spk session device distance dialect"`` from ``<split>_utt2info.csv`` (comma
+    separated; an ``Utt-id`` header row is skipped; the 6th field is the dialect name; spaces
+    inside a field become ``_``, empty fields ``-``)."""
+    info: dict[str, str] = {}
     with open(path, encoding="utf-8-sig", newline="") as f:
         for lineno, row in enumerate(csv.reader(f), 1):
             if not row or (lineno == 1 and row[0].strip().lower() == "utt-id"):
@@ -97,7 +100,9 @@ def read_utt2info_csv(path: Path) -> dict[str, list[str]]:
                     f"{path}:{lineno}: expected at least 6 comma-separated fields "
                     f"(utt, speaker, session, device, distance, dialect), got {len(row)}"
                 )
-            info[row[0].strip()] = [field.strip().replace(" ", "_") or "-" for field in row[1:]]
+            info[row[0].strip()] = " ".join(
+                field.strip().replace(" ", "_") or "-" for field in row[1:]
+            )
     return info
 
 
@@ -122,8 +127,11 @@ def prepare_split(
             f"only in utt2spk: {_examples(only_spk) or 'none'}"
         )
     kept = {utt: rel for utt, rel in relative.items() if EXCLUDED_DEVICE not in utt}
+    num_listed = len(relative)
+    del relative  # the lists of a full corpus take hundreds of MB: keep one copy at a time
     paths = resolve_audio_paths(corpus_dir, split, kept)
-    missing = [path for path in paths.values() if not Path(path).is_file()]
+    del kept
+    missing = [path for path in paths.values() if not os.path.isfile(path)]
     if missing and not skip_missing:
         raise DataError(
             f"{len(missing)} of {len(paths)} {split} audio files listed in "
@@ -148,15 +156,16 @@ def prepare_split(
         )
     utts = sorted(paths)
     kept_utt2spk = {utt: utt2spk[utt] for utt in utts}
+    del utt2spk
     write_table(out_dir / "wav.scp", ((utt, paths[utt]) for utt in utts))
     write_table(out_dir / "utt2spk", kept_utt2spk.items())
     spk2utt = spk2utt_from_utt2spk(kept_utt2spk)
     write_table(out_dir / "spk2utt", ((spk, " ".join(u)) for spk, u in spk2utt.items()))
-    write_table(out_dir / "utt2info", ((utt, *info[utt]) for utt in utts if utt in info))
+    write_table(out_dir / "utt2info", ((utt, info[utt]) for utt in utts if utt in info))
     return SplitSummary(
         num_utts=len(utts),
         num_speakers=len(spk2utt),
-        num_device09=len(relative) - len(kept),
+        num_device09=num_listed - len(utts) - len(missing),
         num_missing=len(missing),
     )
 

@@ -10,8 +10,10 @@ rather than a few damaged files.
 
 The index is rebuilt exactly when what it was built from changed: its first line records the
 SHA-256 of ``wav.scp`` and ``utt2spk`` and the build parameters, and a build whose line would
-differ rebuilds (saying why) while an equal one reuses the file. Two processes building the same
-index take turns (a lock), and the second then reuses the first one's result.
+differ rebuilds (saying why) while an equal one reuses the file. The audio files are not part
+of that record (reading every one would cost as much as the build): after replacing audio under
+the same paths, delete the index. Two processes building the same index take turns (a lock), and
+the second then reuses the first one's result.
 
 File format (tab separated; the header line, then one line per usable utterance, in the order of
 ``wav.scp``)::
