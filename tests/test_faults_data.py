@@ -287,8 +287,8 @@ def write_truncated(path: Path) -> Path:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="needs the features branch: speakerlab.audio's header-only truncation check, "
-    "called from speakerlab.data.index.check_audio_header",
+    reason="needs the features branch: speakerlab.audio.audio_truncation(path), the header-only "
+    "truncation check, called at the end of speakerlab.data.index.check_audio_header",
 )
 def test_a_truncated_file_is_a_named_skip(mini_data, tmp_path, capsys):
     """Guards against: a file whose header promises more samples than it holds indexed with
