@@ -6,10 +6,11 @@ For each size, a corpus in the 3D-Speaker layout with short noise files (see
 * stage 1 (``local/prepare_3dspeaker.py``) and stage 2 (``speakerlab make-index``): wall time and
   peak memory (the largest resident set of the command's main process, and the largest sum of
   proportional set sizes over its process tree, sampled every 0.1 s);
-* a training DataLoader with 4 workers making one pass over the index: each worker's PSS (shared
-  pages counted once over the processes sharing them) and private memory at its first item and
-  after its share of the epoch. The pass reads what a training item reads of the index (path,
-  utterance, length, speaker) without decoding audio, whose cost does not depend on the corpus;
+* a training DataLoader with 4 workers (set up as training sets them up) making one pass over
+  the index: each worker's PSS (shared pages counted once over the processes sharing them) and
+  private memory at its first item and after its share of the epoch. The pass reads what a
+  training item reads of the index (path, utterance, length, speaker) without decoding audio,
+  whose cost does not depend on the corpus;
 * the sampler's per-epoch set-up time and the classifier's size (3 speeds x speakers classes);
 * scoring three trial lists with metrics, and with AS-Norm against a cohort;
 * extraction's set-up (the header scan of the test list).
@@ -161,6 +162,7 @@ def worker_pass_main(index_path: str, num_workers: int) -> None:
     import torch
     from torch.utils.data import DataLoader, Dataset
 
+    from speakerlab.data.dataset import init_data_worker
     from speakerlab.data.index import load_train_index
     from speakerlab.data.sampler import DistributedResumableSampler
 
@@ -193,6 +195,7 @@ def worker_pass_main(index_path: str, num_workers: int) -> None:
         sampler=sampler,
         num_workers=num_workers,
         persistent_workers=True,
+        worker_init_fn=init_data_worker,  # as in training
     )
     start = time.perf_counter()
     first: dict[int, tuple[float, float]] = {}

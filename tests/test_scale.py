@@ -3,6 +3,7 @@ grow with the corpus, and the scale benchmark's corpus generator."""
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import soundfile
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from local.prepare_3dspeaker import prepare_3dspeaker
+from speakerlab.data.dataset import init_data_worker
 from speakerlab.data.index import (
     INDEX_MAGIC,
     PackedStrings,
@@ -133,9 +135,41 @@ def test_workers_do_not_copy_the_index(tmp_path):
     index as lists of strings grew it by 74 MB here)."""
     index = load_train_index(write_index(tmp_path / "index.tsv", rows=400_000, utterances=400_000))
     batches = BatchSampler(RandomSampler(range(len(index))), batch_size=1000, drop_last=False)
-    loader = DataLoader(IndexReader(index), batch_size=None, sampler=batches, num_workers=2)
+    loader = DataLoader(
+        IndexReader(index),
+        batch_size=None,
+        sampler=batches,
+        num_workers=2,
+        worker_init_fn=init_data_worker,  # as in training: no collection copies torch's objects
+    )
     growth = max(last - first for first, last in loader)
     assert growth < 10
+
+
+class Collector(Dataset):
+    """Runs a full garbage collection in the worker; returns its private memory around it."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int) -> tuple[float, float]:
+        before = private_mb()
+        gc.collect()
+        return before, private_mb()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="Linux only")
+def test_a_collection_in_a_worker_copies_nothing():
+    """Guards against: a worker's private memory jumping by tens of MB in the middle of an epoch
+    when its garbage collector visits (and so writes to) every object inherited from the
+    training process."""
+    import torch  # noqa: F401  # the objects a training process holds
+
+    loader = DataLoader(
+        Collector(), batch_size=None, num_workers=1, worker_init_fn=init_data_worker
+    )
+    (before, after), *_ = list(loader)
+    assert after - before < 5
 
 
 def test_listing_and_indexing_do_not_load_torch():
