@@ -162,9 +162,13 @@ def worker_pass_main(index_path: str, num_workers: int) -> None:
     import torch
     from torch.utils.data import DataLoader, Dataset
 
-    from speakerlab.data.dataset import init_data_worker
     from speakerlab.data.index import load_train_index
     from speakerlab.data.sampler import DistributedResumableSampler
+
+    try:  # workers set up as this revision's training sets them up
+        from speakerlab.data.dataset import init_data_worker as worker_init
+    except ImportError:  # a baseline from before init_data_worker
+        from speakerlab.data.dataset import limit_worker_threads as worker_init
 
     start = time.perf_counter()
     index = load_train_index(index_path)
@@ -195,7 +199,7 @@ def worker_pass_main(index_path: str, num_workers: int) -> None:
         sampler=sampler,
         num_workers=num_workers,
         persistent_workers=True,
-        worker_init_fn=init_data_worker,  # as in training
+        worker_init_fn=worker_init,
     )
     start = time.perf_counter()
     first: dict[int, tuple[float, float]] = {}
