@@ -119,7 +119,7 @@ def test_stage_2_builds_the_index_training_then_reuses(mini_data, tmp_path, caps
     inode = out.stat().st_ino
     with caplog.at_level(logging.INFO, logger="speakerlab.data.index"):
         build_train_index(data, out, segment_seconds=2.0, max_bad_fraction=0.3)  # as training does
-    assert out.stat().st_ino == inode and "reusing training index" in caplog.text
+    assert out.stat().st_ino == inode and "reusing up-to-date training index" in caplog.text
     with pytest.raises(SystemExit):
         make_index.main(
             ["--data_dir", str(data), "--out", str(out), "--segment_seconds", "3", *overrides]
@@ -173,7 +173,7 @@ def test_two_make_index_processes_build_once(mini_data, tmp_path):
     assert [run.returncode for run in runs] == [0, 0], runs[0].stderr + runs[1].stderr
     logs = [run.stderr for run in runs]
     assert sum("building training index" in log for log in logs) == 1
-    assert sum("reusing training index" in log for log in logs) == 1
+    assert sum("reusing up-to-date training index" in log for log in logs) == 1
     assert index_rows(out) and not temporary_files(tmp_path)
 
 

@@ -348,7 +348,9 @@ def build_train_index(
     with exclusive_lock(lock, what=f"training index {out_path}", wait_seconds=lock_wait_seconds):
         reason = stale_reason(out_path, header)
         if reason is None:
-            logger.info("reusing training index %s (built from the same lists)", out_path)
+            logger.info(
+                "reusing up-to-date training index %s (same lists, same parameters)", out_path
+            )
             return out_path
         logger.info("building training index %s: %s", out_path, reason)
         utt2spk, total = read_labels(data_dir)
