@@ -87,9 +87,10 @@ def speaker_id(number: int) -> str:
     return f"3D_SPK_{number:05d}"
 
 
-def speaker_recordings(split: str, number: int, count: int, first: int) -> list[list[str]]:
+def speaker_recordings(number: int, count: int, first: int) -> list[list[str]]:
     """utt2info rows ``[utt, speaker, session, device, distance, dialect]`` of one speaker:
-    three devices record each session; recording ``first + k`` of the split decides Device09."""
+    three devices record each session; the speaker's recording ``k`` is recording ``first + k``
+    of the corpus, whose number decides whether it is made with Device09."""
     speaker = speaker_id(number)
     rows = []
     for k in range(count):
@@ -128,14 +129,12 @@ def plan_rows(plan: CorpusPlan) -> dict[str, list[tuple[int, list[list[str]]]]]:
     """Per split: (speaker number, utt2info rows) of every speaker."""
     train, first = [], 0
     for number in range(1, plan.train_speakers + 1):
-        train.append(
-            (number, speaker_recordings("train", number, plan.recordings_per_speaker, first))
-        )
+        train.append((number, speaker_recordings(number, plan.recordings_per_speaker, first)))
         first += plan.recordings_per_speaker
     test, per_speaker = [], np.array_split(np.arange(plan.test_utterances), plan.test_speakers)
     for offset, share in enumerate(per_speaker):
         number = plan.train_speakers + 1 + offset
-        test.append((number, speaker_recordings("test", number, len(share), first)))
+        test.append((number, speaker_recordings(number, len(share), first)))
         first += len(share)
     return {"train": train, "test": test}
 
