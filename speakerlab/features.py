@@ -12,7 +12,7 @@ Bins that hold almost no energy (a band above the content of upsampled audio, fa
 tone) are FFT rounding noise, and their log depends on the exact float32 rounding of the frame
 before the FFT. The frame is therefore computed with the same float32 operations, in the same
 order, as torchaudio's implementation, which makes those bins agree too: the features equal
-torchaudio's to about 1e-6, whereas a float64 computation of the same definition differs from
+torchaudio's to a few 1e-6, whereas a float64 computation of the same definition differs from
 either by up to a few 1e-3 in such bins.
 
 The window and the filterbank are built once per configuration, the framing is one ``unfold``,
@@ -56,8 +56,8 @@ def mel_banks(
 
     ``high_freq <= 0`` counts down from Nyquist. The filters' edges are equally spaced on the mel
     scale, each filter rising from its left edge to its centre and falling to its right edge (the
-    next filter's centre). Computed in float32 as Kaldi's float code (and torchaudio) does, so the
-    weights are the same to the last bit.
+    next filter's centre). Computed in float32 with the operations of torchaudio's version, whose
+    weights these equal to the last bit.
     """
     nyquist = 0.5 * sample_rate
     high_freq = high_freq if high_freq > 0 else high_freq + nyquist
@@ -103,7 +103,7 @@ class KaldiFbank:
                 f"waveform of {wav.numel()} samples is shorter than one frame "
                 f"({self.window_length})"
             )
-        power = self.power_spectrum(wav.float())
+        power = self.power_spectrum(wav.detach().to("cpu", torch.float32))
         energies = (self.mel_matrix @ power.numpy().T).T
         feats = torch.from_numpy(np.ascontiguousarray(energies)).clamp_min_(LOG_FLOOR).log_()
         if self.mean_norm:
@@ -121,7 +121,9 @@ class KaldiFbank:
         torch.sub(centred[:, 1:], scaled[:, :-1], out=buffer[:, 1 : self.window_length])
         torch.sub(centred[:, 0], scaled[:, 0], out=buffer[:, 0])
         buffer[:, : self.window_length] *= self.window
-        return torch.fft.rfft(buffer).abs().square_()
+        spectrum = torch.fft.rfft(buffer)
+        # re^2 + im^2, not |X|^2 (torchaudio's): equal to an ulp and four times quicker than abs.
+        return spectrum.real.square() + spectrum.imag.square()
 
 
 @lru_cache(maxsize=8)

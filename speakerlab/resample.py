@@ -16,9 +16,10 @@ are the defaults of ``torchaudio.functional.resample`` (``sinc_interp_hann``, wi
 0.99), whose outputs this reproduces to float32 rounding.
 
 Output sample ``n`` only uses inputs within ``width = ceil(LOWPASS_WIDTH * orig / cutoff)`` samples
-of ``n * orig / new``, and the weights repeat every ``new`` outputs (``orig`` inputs later). So the
-input is cut into blocks of ``orig`` samples and each block of ``new`` outputs is a sum of a few
-small matrix products of neighbouring blocks with slices of one ``(taps, new)`` weight matrix.
+of ``n * orig / new``, and the weights repeat every ``new`` outputs (``orig`` inputs later). So
+outputs come in blocks of ``new``: block ``b`` is the window of ``2 * width + orig`` inputs that
+starts at input ``b * orig - width``, times one ``(taps, new)`` weight matrix built once per ratio.
+All blocks are one matrix product.
 """
 
 from __future__ import annotations
@@ -75,28 +76,24 @@ class Resampler:
             )
         kernel, self.width = sinc_kernel(orig, new)
         self.orig, self.new = orig, new
-        num_parts = -(-kernel.shape[1] // orig)
-        weights = np.zeros((num_parts * orig, new), dtype=np.float32)
-        weights[: kernel.shape[1]] = kernel.T
-        # Part j multiplies the input block j places after the output block's own.
-        self.parts = [weights[j * orig : (j + 1) * orig] for j in range(num_parts)]
+        self.weights = np.ascontiguousarray(kernel.T)  # (taps, new)
 
     def output_length(self, num_samples: int) -> int:
         return -(-int(num_samples) * self.new // self.orig)
 
     def __call__(self, wav: np.ndarray) -> np.ndarray:
         out_length = self.output_length(len(wav))
+        if out_length == 0:
+            return np.zeros(0, dtype=np.float32)
         num_blocks = -(-out_length // self.new)
-        # ``width`` zeros in front (the first output reaches that far back); the zeros behind
-        # cover the last block's reach.
-        padded = np.zeros((num_blocks + len(self.parts) - 1) * self.orig, dtype=np.float32)
+        taps = len(self.weights)
+        # ``width`` zeros in front (the first block reaches that far back), zeros behind as far
+        # as the last block reaches.
+        padded = np.zeros((num_blocks - 1) * self.orig + taps, dtype=np.float32)
         kept = min(len(wav), len(padded) - self.width)
         padded[self.width : self.width + kept] = wav[:kept]
-        blocks = padded.reshape(-1, self.orig)
-        out = blocks[:num_blocks] @ self.parts[0]
-        for j, part in enumerate(self.parts[1:], start=1):
-            out += blocks[j : j + num_blocks] @ part
-        return out.reshape(-1)[:out_length]
+        windows = np.lib.stride_tricks.sliding_window_view(padded, taps)[:: self.orig]
+        return (windows @ self.weights).reshape(-1)[:out_length]
 
 
 @lru_cache(maxsize=16)
@@ -106,10 +103,10 @@ def resampler(orig_rate: int, new_rate: int) -> Resampler:
 
 
 def resample(wav: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
-    """1-D float32 ``wav`` at ``orig_rate`` resampled to ``new_rate`` (see the module docstring)."""
+    """1-D ``wav`` at ``orig_rate`` resampled to ``new_rate``, as float32 (see the module doc)."""
     if wav.dim() != 1:
         raise ValueError(f"resample expects a 1-D waveform, got shape {tuple(wav.shape)}")
     if orig_rate == new_rate:
         return wav
-    samples = np.ascontiguousarray(wav.detach().cpu().numpy(), dtype=np.float32)
+    samples = wav.detach().to("cpu", torch.float32).numpy()
     return torch.from_numpy(resampler(int(orig_rate), int(new_rate))(samples))
