@@ -114,13 +114,15 @@ class KaldiFbank:
         """Power spectra ``(frames, fft_size // 2 + 1)`` of the windowed frames of ``wav``."""
         frames = wav.unfold(0, self.window_length, self.shift)
         centred = frames - frames.mean(dim=1, keepdim=True)  # DC removal per frame
-        # Pre-emphasis as x[t] - (0.97 * x[t-1]), two float32 roundings like torchaudio's; a fused
-        # multiply-subtract rounds once and moves the near-empty bins by up to 1e-3 (see above).
-        scaled = centred * PREEMPHASIS
         buffer = torch.zeros(len(frames), self.fft_size)  # zeros beyond the window: FFT padding
-        torch.sub(centred[:, 1:], scaled[:, :-1], out=buffer[:, 1 : self.window_length])
-        torch.sub(centred[:, 0], scaled[:, 0], out=buffer[:, 0])
-        buffer[:, : self.window_length] *= self.window
+        # Pre-emphasis as x[t] - (0.97 * x[t-1]) with x[-1] = x[0], rounded twice in float32 as
+        # torchaudio does; a fused multiply-subtract rounds once and moves the near-empty bins by
+        # up to 1e-3 (see above).
+        emphasised = buffer[:, : self.window_length]
+        torch.mul(centred[:, :-1], PREEMPHASIS, out=emphasised[:, 1:])
+        torch.mul(centred[:, 0], PREEMPHASIS, out=emphasised[:, 0])
+        torch.sub(centred, emphasised, out=emphasised)
+        emphasised *= self.window
         spectrum = torch.fft.rfft(buffer)
         # re^2 + im^2, not |X|^2 (torchaudio's): equal to an ulp and four times quicker than abs.
         return spectrum.real.square() + spectrum.imag.square()
