@@ -7,6 +7,7 @@ import ast
 import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 from processes import run_bounded
 
@@ -32,6 +33,7 @@ print(len(names), "modules")
 """
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and every module: about 5 s
 def test_every_module_imports_and_runs_with_torchaudio_blocked(tmp_path):
     result = run_bounded(
         [sys.executable, "-c", BLOCKED_RUN, str(tmp_path / "tone.wav")], timeout=120, cwd=REPO
