@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchaudio.functional
 
 from speakerlab.audio import SAMPLE_RATE, read_audio
 from speakerlab.distributed import resolve_device
 from speakerlab.errors import AudioError, ConfigError
 from speakerlab.extract import Embedder, TorchEmbedder
 from speakerlab.features import FRAME_LENGTH_MS, FRAME_SHIFT_MS, fbank, num_frames
+from speakerlab.resample import resample
 
 AudioInput = str | Path | np.ndarray | torch.Tensor
 DEFAULT_MODEL = "iic/speech_eres2net_base_sv_zh-cn_3dspeaker_16k"
@@ -94,7 +94,7 @@ def prepare_waveform(
     if not torch.isfinite(wav).all():
         raise AudioError(f"{name}: audio contains NaN or infinite samples")
     if rate != SAMPLE_RATE:
-        wav = torchaudio.functional.resample(wav, rate, SAMPLE_RATE)
+        wav = resample(wav, rate, SAMPLE_RATE)
     return wav
 
 

@@ -189,7 +189,7 @@ def test_unusable_recordings_are_listed_before_any_work(tmp_path, embedder):
     assert "3 unusable recording(s)" in message
     assert "low_rate.wav: sample rate is 8000 Hz, expected 16000 Hz" in message
     assert "short.wav: 0.040 s gives 2 frames, the model needs at least 9" in message
-    assert "broken.wav: cannot read audio header" in message
+    assert "broken.wav: not a readable audio file" in message
     assert counting.utterances == 0
 
 

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-import torchaudio.functional
 
 from speakerlab.bin import embed as embed_cli
 from speakerlab.bin import verify as verify_cli
@@ -15,6 +14,7 @@ from speakerlab.features import fbank
 from speakerlab.inference import SpeakerVerifier, prepare_waveform
 from speakerlab.models import build_model
 from speakerlab.models.checkpoint import save_embedding_model
+from speakerlab.resample import resample
 
 RATE = 16000
 
@@ -83,7 +83,7 @@ def test_inputs_of_every_kind_give_the_same_embedding(verifier, model, wavs):
 
 def test_other_sample_rates_are_resampled_to_16k(verifier, model, tmp_path):
     wav8k = tone(1.2, 180, rate=8000)
-    expected_wave = torchaudio.functional.resample(torch.from_numpy(wav8k), 8000, RATE)
+    expected_wave = resample(torch.from_numpy(wav8k), 8000, RATE)
     assert prepare_waveform(wav8k, 8000).shape == expected_wave.shape
     expected = direct_embedding(model, expected_wave)
     np.testing.assert_allclose(verifier.embed(wav8k, sample_rate=8000), expected, atol=1e-5)
@@ -142,9 +142,9 @@ def test_unusable_arrays_raise_clear_errors(verifier, audio, message):
 def test_unusable_files_raise_clear_errors(verifier, tmp_path):
     broken = tmp_path / "broken.wav"
     broken.write_bytes(b"RIFF....garbage")
-    with pytest.raises(AudioError, match=f"{broken}: cannot read audio"):
+    with pytest.raises(AudioError, match=f"{broken}: not a readable audio file"):
         verifier.embed(broken)
-    with pytest.raises(AudioError, match="missing.wav: cannot read audio"):
+    with pytest.raises(AudioError, match="missing.wav: file not found"):
         verifier.embed(tmp_path / "missing.wav")
     empty = tmp_path / "empty.wav"
     soundfile.write(empty, np.zeros(0, np.float32), RATE)
@@ -220,7 +220,7 @@ def test_verify_cli_errors_are_one_line(checkpoint, wavs, tmp_path, capsys):
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("speakerlab verify: error: ") and err.count("\n") == 1
-    assert "gone.wav: cannot read audio" in err
+    assert "gone.wav: file not found" in err
     with pytest.raises(SystemExit) as exit_info:
         verify_cli.main([str(wavs["a"]), str(wavs["b"]), "--model", str(checkpoint)])
     assert "no decision threshold is known" in capsys.readouterr().err
