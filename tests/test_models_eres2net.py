@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from speakerlab.models import count_parameters
 from speakerlab.models.eres2net import ERes2Net, Res2NetBottleneck
 from speakerlab.models.eres2netv2 import ERes2NetV2
 from speakerlab.models.pooling import TemporalStatsPool
@@ -75,7 +76,7 @@ def test_full_size_state_dict_matches_reference_manifest(entry, model_class, kwa
     expected = manifest["state_dict"]
     mismatched = {k: (shape, expected[k]) for k, shape in shapes.items() if shape != expected[k]}
     assert not mismatched
-    assert sum(p.numel() for p in model.parameters()) == manifest["num_parameters"]
+    assert count_parameters(model) == manifest["num_parameters"]
 
 
 @pytest.mark.parametrize("frames", [20, 37, 200, 801])

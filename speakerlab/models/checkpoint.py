@@ -64,6 +64,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         if path.stat().st_size == 0:
             raise CheckpointError(f"{path}: empty file, not a checkpoint")
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except OSError as err:
         raise CheckpointError(f"{path}: cannot read the file ({err.strerror or err})") from None
     except pickle.UnpicklingError as err:
