@@ -24,6 +24,8 @@ from speakerlab.models.checkpoint import (
 from speakerlab.pretrained import load_model
 from speakerlab.training.checkpointing import load_checkpoint
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 SMALL_ERES2NET = {"feat_dim": 80, "embedding_size": 32, "m_channels": 8}
 

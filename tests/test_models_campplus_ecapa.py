@@ -13,6 +13,8 @@ from speakerlab.models import count_parameters
 from speakerlab.models.campplus import CAMPPlus, segment_average
 from speakerlab.models.ecapa_tdnn import ECAPATDNN
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 REFERENCE_DIR = Path(__file__).parent / "fixtures" / "reference"
 
 # Constructor arguments of the small reference fixtures (fixtures/reference/README.md).

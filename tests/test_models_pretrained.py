@@ -19,6 +19,8 @@ from speakerlab.pretrained import (
     released_model,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 # The example id of the ERes2Net-base model card, in the hub's former namespace.
 MODEL_CARD_EXAMPLE = "damo/speech_eres2net_base_sv_zh-cn_3dspeaker_16k"
