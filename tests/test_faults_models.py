@@ -17,6 +17,7 @@ from speakerlab.bin.export import main as export_main
 from speakerlab.errors import CheckpointError
 from speakerlab.models import build_model
 from speakerlab.models.checkpoint import (
+    check_finite,
     load_embedding_model,
     read_checkpoint,
     save_embedding_model,
@@ -159,13 +160,16 @@ def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path):
 
 
 def test_weights_that_are_not_tensors_are_refused(tmp_path):
-    """Guards against: a training checkpoint whose model entry holds other values crashing with a
-    traceback deep inside the model loader."""
+    """Guards against: a training checkpoint whose model entry or architecture record holds other
+    values crashing with a traceback deep inside the model loader."""
     state = reference_state()
     state["conv1.weight"] = [1.0, 2.0]
     torch.save({"model": state, "model_name": "eres2net"}, tmp_path / "odd.pt")
     with pytest.raises(CheckpointError, match="entries that are not tensors: conv1.weight"):
         load_embedding_model(tmp_path / "odd.pt")
+    torch.save({"model": reference_state(), "model_kwargs": [8]}, tmp_path / "kwargs.pt")
+    with pytest.raises(CheckpointError, match=r"kwargs\.pt: model_name must be a string and mod"):
+        load_embedding_model(tmp_path / "kwargs.pt")
 
 
 def test_non_finite_weights_are_refused_on_load_naming_the_first(tmp_path):
@@ -187,6 +191,13 @@ def test_non_finite_weights_are_refused_on_load_naming_the_first(tmp_path):
         with pytest.raises(CheckpointError) as err:
             load(path)
         assert str(err.value) == expected
+
+
+def test_large_finite_weights_are_not_mistaken_for_overflow():
+    """Guards against: refusing good weights because a fast check summed them into infinity."""
+    check_finite({"big": torch.tensor([3e38, 3e38]), "half": torch.full((4,), 6e4).half()})
+    with pytest.raises(CheckpointError, match=r"w: the weights are not finite: big holds NaN"):
+        check_finite({"ok": torch.ones(2), "big": torch.tensor([3e38, float("nan")])}, "w")
 
 
 def test_non_finite_weights_are_never_written(tmp_path):
