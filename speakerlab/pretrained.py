@@ -116,7 +116,7 @@ def released_model(model_id: str) -> PretrainedModel | None:
     return PRETRAINED.get(model_id)
 
 
-def known_ids() -> str:
+def _known_ids() -> str:
     """The registry ids, for error messages."""
     spellings = "/".join((HUB_NAMESPACE, *FORMER_HUB_NAMESPACES))
     return f"{', '.join(PRETRAINED)} (each also as {spellings}/...)"
@@ -126,7 +126,7 @@ def download_pretrained(model_id: str, cache_dir: str | Path | None = None) -> P
     """Local path of the checkpoint file of released model ``model_id`` (downloaded if needed)."""
     entry = released_model(model_id)
     if entry is None:
-        raise CheckpointError(f"unknown model id {model_id!r}; known ids: {known_ids()}")
+        raise CheckpointError(f"unknown model id {model_id!r}; known ids: {_known_ids()}")
     try:
         from modelscope.hub.snapshot_download import snapshot_download
     except ImportError:
@@ -167,7 +167,7 @@ def load_model(source: str | Path, cache_dir: str | Path | None = None) -> Loade
     if not path.is_file():
         raise CheckpointError(
             f"{source_str!r} is neither a checkpoint file nor a known model id; "
-            f"known ids: {known_ids()}"
+            f"known ids: {_known_ids()}"
         )
     model, name, kwargs = load_embedding_model_spec(path)
     return LoadedModel(model, name, kwargs, released_threshold(path.name, name, kwargs), source_str)

@@ -260,13 +260,13 @@ class ERes2Net(Res2NetBackbone):
         return self.seg_1(self.pool(fused))
 
 
-def feat_dim_from_shapes(shapes: Shapes, pooled_key: str = "seg_1.weight") -> int:
+def feat_dim_from_shapes(shapes: Shapes) -> int:
     """fbank bins per frame of a Res2Net model, from the width of its pooled statistics.
 
     The weights fix only the frequency bins left after the stride-2 stages, so ``feat_dim`` is
     known up to that factor (8); the multiple is returned (80 for every released model).
     """
-    pooled = shapes[pooled_key][1]  # 2 statistics x final channels x final frequency bins
+    pooled = shapes["seg_1.weight"][1]  # 2 statistics x final channels x final frequency bins
     final_channels = shapes["layer4.0.conv3.weight"][0]
     return pooled // (2 * final_channels) * 2 ** sum(s == 2 for s in STAGE_STRIDES)
 
