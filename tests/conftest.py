@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from local.prepare_3dspeaker import prepare_3dspeaker
 from local.simulate_mini_corpus import SimulationConfig, simulate_corpus
@@ -38,6 +39,16 @@ class MiniData:
     musan_dir: Path  # raw MUSAN-like and RIRS_NOISES-like sets
     rirs_dir: Path
     config: SimulationConfig
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's small models on one thread: on a shared 2-core machine, intra-op threads
+    oversubscribe the CPU and make each tiny forward pass ~10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
