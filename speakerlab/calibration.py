@@ -46,6 +46,7 @@ DEFAULT_P_TARGET = 0.01
 COSINE_SCORES: dict[str, Any] = {"normalisation": "none"}
 CHECKPOINT_KEY = "calibration"  # top-level key of a calibrated model checkpoint
 _MAX_NEWTON_ITERATIONS = 100
+_GRADIENT_ACCEPTED = 1e-8  # of the loss in standardised coordinates (values of order 1)
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,10 @@ def _weighted_logistic(
         method="trust-exact",
         options={"gtol": 1e-10, "maxiter": _MAX_NEWTON_ITERATIONS},
     )
-    if not result.success or not np.all(np.isfinite(result.x)):
+    # Near the optimum trust-exact may stop on rounding noise ("bad approximation") with the
+    # gradient already negligible: the parameters are then exact to far below any tolerance.
+    converged = result.success or np.linalg.norm(gradient(result.x)) < _GRADIENT_ACCEPTED
+    if not converged or not np.all(np.isfinite(result.x)):
         raise DataError(
             f"the calibration fit did not converge ({result.message}); the calibration "
             "trials may be (nearly) separable: use a larger or harder list"

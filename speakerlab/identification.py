@@ -242,27 +242,35 @@ class SpeakerDB:
         try:
             with np.load(path, allow_pickle=False) as archive:
                 header = json.loads(archive["header"].tobytes().decode("utf-8"))
+                _check_header(header, path)
                 means, counts = archive["means"], archive["counts"]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as err:
             raise DataError(f"{path}: not a readable speaker database ({err})") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise DataError(f"{path}: not a speaker database of speakerlab")
-        if header.get("version") != VERSION:
-            raise DataError(f"{path}: speaker database version {header.get('version')} unknown")
-        names = header.get("names")
+        names = header["names"]
         if (
-            not isinstance(names, list)
-            or means.ndim != 2
-            or means.shape != (len(names), header.get("dim"))
+            means.ndim != 2
+            or means.shape != (len(names), header["dim"])
             or counts.shape != (len(names),)
             or means.dtype != np.float32
         ):
             raise DataError(f"{path}: speaker database is inconsistent (names, means, counts)")
-        if len(set(names)) != len(names):
-            raise DataError(f"{path}: speaker database names a speaker twice")
         if not np.all(np.isfinite(means)) or np.any(counts < 1):
             raise DataError(f"{path}: speaker database holds invalid embeddings or counts")
         return cls(header["model"], names, means, counts, header.get("model_source", ""))
+
+
+def _check_header(header: Any, path: Path) -> None:
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise DataError(f"{path}: not a speaker database of speakerlab")
+    if header.get("version") != VERSION:
+        raise DataError(f"{path}: speaker database version {header.get('version')} unknown")
+    names = header.get("names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path}: speaker database names are not a list of strings")
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: speaker database names a speaker twice")
+    if not isinstance(header.get("dim"), int) or not isinstance(header.get("model"), str):
+        raise DataError(f"{path}: speaker database header lacks its dimension or model")
 
 
 @contextlib.contextmanager

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> Calibration:
         raise ConfigError(f"{args.model}: model file not found")
 
     trials = read_trials(args.trials)
-    setup = ScoringSetup(cohort=cohort_from_args(args))
+    setup = ScoringSetup(cohort=cohort_from_args(args), top_k=args.top_k)
     scores = score_lists(load_embeddings(args.embeddings), [trials], setup)[0]
     durations = read_durations(args)
     seconds = (None, None)
