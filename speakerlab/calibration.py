@@ -73,7 +73,8 @@ class Calibration:
     ) -> np.ndarray:
         """LLRs (float64) of ``scores``; the durations of both sides are needed exactly when the
         calibration uses them."""
-        llrs = self.scale * np.asarray(scores, dtype=np.float64) + self.offset
+        with np.errstate(over="ignore"):  # an overflow is caught where scores are used
+            llrs = self.scale * np.asarray(scores, dtype=np.float64) + self.offset
         if self.duration_weights is not None:
             if enrol_seconds is None or test_seconds is None:
                 raise ConfigError(

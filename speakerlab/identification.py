@@ -197,7 +197,11 @@ class SpeakerDB:
             )
         if self._unit is None:
             self._unit = _unit_rows(self.means).astype(np.float32)
-        scores = queries.astype(np.float32) @ self._unit.T  # (queries, speakers)
+        queries = queries.astype(np.float32)
+        if len(queries) == 1:  # a matrix-vector product: faster than a 1-row matrix product
+            scores = (self._unit @ queries[0])[None, :]
+        else:
+            scores = queries @ self._unit.T  # (queries, speakers)
         k = min(top_k, len(self))
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         top_scores = np.take_along_axis(scores, top, axis=1)

@@ -260,7 +260,8 @@ def write_scores(path: str | Path, trials: Trials, scores: np.ndarray) -> Path:
             f"file written"
         )
     label_words = [LABEL_WORDS[label] for label in trials.labels.tolist()]
-    lines = map("{} {} {} {:.6f}\n".format, trials.enrol, trials.test, label_words, scores.tolist())
+    fields = zip(trials.enrol, trials.test, label_words, scores.tolist())
+    lines = map("%s %s %s %.6f\n".__mod__, fields)  # %-formatting: the fastest in Python
     with atomic_write(path) as f:
         f.writelines(lines)
     return Path(path)
@@ -333,9 +334,9 @@ def write_results(
 
 def _probit(rates: np.ndarray) -> np.ndarray:
     """Normal deviate of clipped rates (the DET axes); 0 and 1 map to the plot's edges."""
-    from scipy.stats import norm
+    from scipy.special import ndtri  # the normal quantile; scipy.stats takes long to import
 
-    return norm.ppf(np.clip(rates, 1e-5, 1 - 1e-5))
+    return ndtri(np.clip(rates, 1e-5, 1 - 1e-5))
 
 
 def _thin_curve(x: np.ndarray, y: np.ndarray, step: float = 0.004) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,11 @@ calibrated scoring, and models that carry their calibration into verify."""
 
 import json
 import math
+import os
 import re
+import shutil
+import sys
+from pathlib import Path
 
 import kaldiio
 import numpy as np
@@ -22,10 +26,12 @@ from speakerlab.calibration import (
     read_utt2dur,
     write_calibrated_model,
 )
+from speakerlab.data.kaldi_dir import read_table
 from speakerlab.errors import ConfigError, DataError
 from speakerlab.inference import SpeakerVerifier
 from speakerlab.models import build_model
 from speakerlab.models.checkpoint import load_embedding_model_spec, save_embedding_model
+from tests.processes import run_bounded
 
 
 def sigmoid(x):
@@ -309,8 +315,14 @@ def test_a_calibrated_model_carries_its_calibration_into_verify(small_model, tmp
     assert result.same_speaker == (result.llr >= math.log(19))
     assert result.threshold == pytest.approx((math.log(19) + 10.0) / 20.0)
     # An explicit threshold decides on the cosine score, as for any model.
-    plain = SpeakerVerifier.load(out, threshold=0.3).verify(*wavs)
+    plain = verifier.verify(*wavs, threshold=0.3)
     assert plain.llr is None and plain.same_speaker == (plain.score >= 0.3)
+    assert SpeakerVerifier.load(out, threshold=0.3).calibration is None
+    # A calibration with durations: 1.5 s each side here.
+    verifier.calibration = Calibration(scale=20.0, offset=-10.0, duration_weights=(1.0, 0.5))
+    with_durations = verifier.verify(*wavs)
+    expected = 20.0 * with_durations.score - 10.0 + 1.5 * math.log(1.5)
+    assert with_durations.llr == pytest.approx(expected, abs=1e-9)
 
     verify_cli.main([str(wavs[0]), str(wavs[1]), "--model", str(out)])
     printed = capsys.readouterr().out
@@ -325,3 +337,59 @@ def test_only_cosine_calibrations_go_into_models(small_model, tmp_path):
     with pytest.raises(ConfigError, match="verification scores of a model"):
         write_calibrated_model(small_model, calibration, tmp_path / "x.ckpt")
     assert not (tmp_path / "x.ckpt").exists()
+
+
+# --------------------------------------------------------------------------- recipe
+
+RECIPE = Path(__file__).resolve().parents[1] / "egs" / "3dspeaker" / "sv-eres2net" / "run.sh"
+TINY_TRAINING = [
+    "model.m_channels=4",
+    "model.embedding_size=16",
+    "trainer.epochs=1",
+    "trainer.batch_size=16",
+    "data.crop_seconds=2.0",
+    "data.num_workers=0",
+    "trainer.progress_bar=false",
+]
+
+
+def run_recipe(*args):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return run_bounded(["bash", str(RECIPE), *args], timeout=1200, env=env)
+
+
+@pytest.mark.slow
+def test_recipe_calibrates_on_held_out_speakers(tmp_path):
+    """Stages 1-5 with --calibrate true on the CI mini corpus: the calibration speakers are not
+    trained on, the calibrated table has Cllr and actual DCF, and the exported model carries
+    the calibration."""
+    paths = ["--raw_data", str(tmp_path / "raw"), "--data", str(tmp_path / "data")]
+    exp = tmp_path / "exp"
+    common = ["--corpus", "mini", "--mini_size", "ci", *paths, "--exp", str(exp)]
+    result = run_recipe(*common, "--calibrate", "true", "--", *TINY_TRAINING)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    prepared = tmp_path / "data" / "3dspeaker"
+    held = set(read_table(prepared / "calibration" / "utt2spk").values())
+    trained = set(read_table(prepared / "train_fit" / "utt2spk").values())
+    assert len(held) == 2 and not held & trained
+    assert held | trained == set(read_table(prepared / "train" / "utt2spk").values())
+
+    rows = json.loads((exp / "scores_calibrated" / "results.json").read_text())["results"]
+    assert len(rows) == 3 and all("cllr" in row and "act_dcf" in row for row in rows)
+    plain = json.loads((exp / "scores" / "results.json").read_text())["results"]
+    for row, before in zip(rows, plain):  # an increasing affine map keeps the ranking
+        assert row["eer"] == pytest.approx(before["eer"], abs=1e-9)
+    calibration = Calibration.load(exp / "calibration.json")
+    assert read_model_calibration(exp / "model_calibrated.ckpt") == calibration
+    assert "Cllr" in result.stdout  # the calibrated table is printed
+
+    # A model trained on every speaker cannot be calibrated on some of them.
+    other = tmp_path / "exp_all"
+    shutil.copytree(exp, other)
+    config = other / "config.yaml"
+    config.write_text(config.read_text().replace("train_fit", "train"))
+    refused = run_recipe(*common[:-1], str(other), "--calibrate", "true", "--stage", "5")
+    assert refused.returncode != 0 and "which holds the calibration speakers" in refused.stderr
+    refused = run_recipe(*paths, "--pretrained", "x.ckpt", "--calibrate", "true")
+    assert refused.returncode != 0 and "released model has seen every" in refused.stderr

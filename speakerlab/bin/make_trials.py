@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-fraction",
         type=float,
         default=0.1,
-        help="never hold out more than this fraction of the speakers (default %(default)s)",
+        help="hold out at most this fraction of the speakers, or 2 if that is fewer "
+        "(default %(default)s)",
     )
     parser.add_argument("--rest-dir", help="write the speakers not held out here")
     parser.add_argument(
@@ -87,7 +88,8 @@ def run(args: argparse.Namespace) -> None:
     speakers = set(utt2spk.values())
     keep = speakers
     if args.speakers is not None:
-        count = min(args.speakers, int(args.max_fraction * len(speakers)))
+        # At least two speakers (non-target trials need them), at most the fraction otherwise.
+        count = min(args.speakers, max(2, int(args.max_fraction * len(speakers))))
         keep = pick_speakers(speakers, count, args.seed)
     held = {utt: spk for utt, spk in utt2spk.items() if spk in keep}
     trials = balanced_trials(held, args.targets, args.seed)
