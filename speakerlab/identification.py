@@ -5,9 +5,10 @@
     >>> db.save("speakers.db")
     >>> SpeakerDB.load("speakers.db").identify(verifier.embed("who.wav", normalize=True))
 
-A speaker is the mean of the unit-length embeddings of its recordings (and how many there were,
-so that enrolling more recordings later updates the mean exactly). Search is exact: one product of
-the query with the matrix of the speakers' unit-length means, then a partial sort for the top k.
+A speaker is the mean of the unit-length embeddings of its recordings, kept as its direction and
+length, and how many recordings there were, so that enrolling more later updates the mean
+exactly. Search is exact: one product of the query with the matrix of the speakers' directions
+(unit-length means), then a partial sort for the top k.
 
 The database records the identity of the model that made its embeddings: a digest of the model's
 weights (:func:`model_identity`), so that embeddings of two models are never compared; enrolling
@@ -15,10 +16,10 @@ or identifying with another model is refused.
 
 File format: one ``.npz`` archive read with ``allow_pickle=False`` (no code can run on loading),
 holding ``header`` (UTF-8 JSON: format, version, model identity and source, dimension, speaker
-names), ``means`` (float32, speakers x dim) and ``counts`` (int64). It is written atomically
-(a temporary file renamed into place), so a kill never leaves a half-written database;
-:func:`updating` holds an exclusive lock while it reads, changes and writes one, so two
-processes enrolling into the same file never lose each other's speakers.
+names), ``directions`` (float32, speakers x dim), ``lengths`` (float32) and ``counts`` (int64).
+It is written atomically (a temporary file renamed into place), so a kill never leaves a
+half-written database; :func:`updating` holds an exclusive lock while it reads, changes and
+writes one, so two processes enrolling into the same file never lose each other's speakers.
 """
 
 from __future__ import annotations
@@ -96,19 +97,33 @@ class SpeakerDB:
     ) -> None:
         self.model = model
         self.model_source = model_source
-        self._set(list(names), np.asarray(means, np.float32), np.asarray(counts, np.int64))
+        means = np.asarray(means, np.float32)
+        lengths = np.linalg.norm(means, axis=1)
+        if not np.all(np.isfinite(lengths) & (lengths > 0)):
+            raise DataError("a speaker's mean embedding is zero or not finite")
+        self._set(list(names), means / lengths[:, None], lengths, np.asarray(counts, np.int64))
 
-    def _set(self, names: list[str], means: np.ndarray, counts: np.ndarray) -> None:
+    def _set(
+        self, names: list[str], directions: np.ndarray, lengths: np.ndarray, counts: np.ndarray
+    ) -> None:
+        # A mean is kept as its direction (what search uses, so loading needs no pass over the
+        # matrix) and its length (for exact running means). Storage grows by doubling, so that
+        # enrolling speakers one by one costs linear time.
         self.names = names
-        # Storage grows by doubling, so that enrolling speakers one by one costs linear time.
-        self._means, self._counts = means, counts
+        self._directions = np.asarray(directions, np.float32)
+        self._lengths = np.asarray(lengths, np.float32)
+        self._counts = counts
         self._rows = {name: row for row, name in enumerate(names)}
-        self._unit: np.ndarray | None = None  # unit-length means, made when first needed
+
+    @property
+    def directions(self) -> np.ndarray:
+        """Unit-length mean embedding of each speaker (speakers x dim): what search compares."""
+        return self._directions[: len(self.names)]
 
     @property
     def means(self) -> np.ndarray:
         """Mean of the unit-length embeddings of each speaker's recordings (speakers x dim)."""
-        return self._means[: len(self.names)]
+        return self.directions * self._lengths[: len(self.names), None]
 
     @property
     def counts(self) -> np.ndarray:
@@ -122,7 +137,7 @@ class SpeakerDB:
 
     @property
     def dim(self) -> int:
-        return self._means.shape[1]
+        return self._directions.shape[1]
 
     def __len__(self) -> int:
         return len(self.names)
@@ -151,23 +166,34 @@ class SpeakerDB:
                 f"embeddings have {embeddings.shape[1]} dimensions, the database {self.dim}"
             )
         row = self._rows.get(name)
+        old = 0 if row is None or replace else int(self._counts[row])
+        mean = embeddings.sum(axis=0)
+        if old:
+            mean += self._directions[row] * (float(self._lengths[row]) * old)
+        mean /= old + len(embeddings)
+        length = float(np.linalg.norm(mean))
+        if not length > 0:
+            raise DataError(f"the mean embedding of {name!r} would be zero")
         if row is None:
-            row = len(self.names)
-            if row == len(self._means):
-                means = np.zeros((max(16, 2 * row), self.dim), np.float32)
-                counts = np.zeros(len(means), np.int64)
-                means[:row], counts[:row] = self.means, self.counts
-                self._means, self._counts = means, counts
-            self.names.append(name)
-            self._rows[name] = row
-            self._counts[row] = 0
-        if replace:
-            self._counts[row] = 0
-        old = int(self._counts[row])
-        total = self._means[row].astype(np.float64) * old + embeddings.sum(axis=0)
+            row = self._append(name)
+        self._directions[row], self._lengths[row] = mean / length, length
         self._counts[row] = old + len(embeddings)
-        self._means[row] = total / self._counts[row]
-        self._unit = None
+
+    def _append(self, name: str) -> int:
+        row = len(self.names)
+        if row == len(self._directions):
+            capacity = max(16, 2 * row)
+            directions = np.zeros((capacity, self.dim), np.float32)
+            lengths, counts = np.zeros(capacity, np.float32), np.zeros(capacity, np.int64)
+            directions[:row], lengths[:row], counts[:row] = (
+                self.directions,
+                self._lengths[:row],
+                self.counts,
+            )
+            self._directions, self._lengths, self._counts = directions, lengths, counts
+        self.names.append(name)
+        self._rows[name] = row
+        return row
 
     def remove(self, names: Sequence[str]) -> None:
         """Remove speakers; an unknown name is an error (and nothing is removed)."""
@@ -177,7 +203,8 @@ class SpeakerDB:
         keep = np.ones(len(self), dtype=bool)
         keep[[self._rows[name] for name in names]] = False
         kept_names = [name for name, kept in zip(self.names, keep) if kept]
-        self._set(kept_names, self.means[keep], self.counts[keep])
+        lengths = self._lengths[: len(self.names)]
+        self._set(kept_names, self.directions[keep], lengths[keep], self.counts[keep])
 
     # ----------------------------------------------------------------- search
 
@@ -195,21 +222,17 @@ class SpeakerDB:
             raise ConfigError(
                 f"embeddings have {queries.shape[1]} dimensions, the database {self.dim}"
             )
-        if self._unit is None:
-            self._unit = _unit_rows(self.means).astype(np.float32)
         queries = queries.astype(np.float32)
         if len(queries) == 1:  # a matrix-vector product: faster than a 1-row matrix product
-            scores = (self._unit @ queries[0])[None, :]
+            scores = (self.directions @ queries[0])[None, :]
         else:
-            scores = queries @ self._unit.T  # (queries, speakers)
+            scores = queries @ self.directions.T  # (queries, speakers)
         k = min(top_k, len(self))
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         top_scores = np.take_along_axis(scores, top, axis=1)
         order = np.argsort(-top_scores, axis=1, kind="stable")
-        top, top_scores = (
-            np.take_along_axis(top, order, 1),
-            np.take_along_axis(top_scores, order, 1),
-        )
+        top = np.take_along_axis(top, order, 1)
+        top_scores = np.take_along_axis(top_scores, order, 1)
         return [
             Identification(
                 [Match(self.names[i], float(s)) for i, s in zip(rows.tolist(), vals.tolist())],
@@ -234,7 +257,13 @@ class SpeakerDB:
         """Write the database atomically."""
         header = np.frombuffer(json.dumps(self.header()).encode("utf-8"), dtype=np.uint8)
         with atomic_write(path, "wb") as handle:
-            np.savez(handle, header=header, means=self.means, counts=self.counts)
+            np.savez(
+                handle,
+                header=header,
+                directions=self.directions,
+                lengths=self._lengths[: len(self.names)],
+                counts=self.counts,
+            )
         return Path(path)
 
     @classmethod
@@ -247,20 +276,23 @@ class SpeakerDB:
             with np.load(path, allow_pickle=False) as archive:
                 header = json.loads(archive["header"].tobytes().decode("utf-8"))
                 _check_header(header, path)
-                means, counts = archive["means"], archive["counts"]
+                directions = archive["directions"]
+                lengths, counts = archive["lengths"], archive["counts"]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as err:
             raise DataError(f"{path}: not a readable speaker database ({err})") from None
-        names = header["names"]
+        num = len(header["names"])
         if (
-            means.ndim != 2
-            or means.shape != (len(names), header["dim"])
-            or counts.shape != (len(names),)
-            or means.dtype != np.float32
+            directions.shape != (num, header["dim"])
+            or lengths.shape != (num,)
+            or counts.shape != (num,)
+            or directions.dtype != np.float32
         ):
-            raise DataError(f"{path}: speaker database is inconsistent (names, means, counts)")
-        if not np.all(np.isfinite(means)) or np.any(counts < 1):
+            raise DataError(f"{path}: speaker database is inconsistent (names and arrays)")
+        if not (np.all(np.isfinite(directions)) and np.all(lengths > 0) and np.all(counts > 0)):
             raise DataError(f"{path}: speaker database holds invalid embeddings or counts")
-        return cls(header["model"], names, means, counts, header.get("model_source", ""))
+        db = cls.create(header["model"], header["dim"], header.get("model_source", ""))
+        db._set(header["names"], directions, lengths, counts)
+        return db
 
 
 def _check_header(header: Any, path: Path) -> None:

@@ -88,7 +88,7 @@ def test_remove_and_round_trip(tmp_path):
     assert loaded.identify(centres[4])[0].matches[0].speaker == "spk4"
     # The archive holds plain arrays only: it loads without pickle.
     with np.load(path, allow_pickle=False) as archive:
-        assert sorted(archive.files) == ["counts", "header", "means"]
+        assert sorted(archive.files) == ["counts", "directions", "header", "lengths"]
 
 
 @pytest.mark.parametrize(
@@ -121,7 +121,8 @@ def test_remove_and_round_trip(tmp_path):
                     ).encode(),
                     np.uint8,
                 ),
-                means=np.zeros((1, 2), np.float32),
+                directions=np.ones((1, 2), np.float32),
+                lengths=np.ones(1, np.float32),
                 counts=np.ones(1, np.int64),
             ),
             "inconsistent",

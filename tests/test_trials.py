@@ -176,9 +176,9 @@ def test_make_trials_holds_out_speakers(mini_data, tmp_path, capsys):
 def test_make_trials_caps_the_held_out_fraction(mini_data, tmp_path, capsys):
     out = tmp_path / "calib"
     args = ["--data-dir", str(mini_data.train_dir), "--out-dir", str(out)]
-    make_trials_cli.main([*args, "--speakers", "5"])  # 10 % of 12 speakers: 1, raised to 2
-    assert len(set(read_table(out / "utt2spk").values())) == 2
-    assert "2 of 12 speakers" in capsys.readouterr().err
+    make_trials_cli.main([*args, "--speakers", "5"])  # 10 % of 12 speakers: 1, raised to 4
+    assert len(set(read_table(out / "utt2spk").values())) == 4
+    assert "4 of 12 speakers" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         make_trials_cli.main([*args, "--speakers", "1", "--out-dir", str(tmp_path / "one")])
     assert "cannot pick 1 of 12 speakers" in capsys.readouterr().err

@@ -47,9 +47,10 @@ Options:
   --nproc N                    CPU processes when --gpus is empty
   --nnodes N --node_rank R --master_addr HOST --master_port PORT   multi-node training
   --extract_batch_size N       utterances per extraction batch
-  --calibrate true|false       hold 200 training speakers (at most 10 %) out of training (stage 2)
-                               and fit a score calibration on them (stage 5): calibrated results
-                               in <exp>/scores_calibrated, <exp>/model_calibrated.ckpt for verify
+  --calibrate true|false       hold 200 training speakers (10 % at most, 4 at least) out of
+                               training (stage 2) and fit a score calibration on them (stage 5):
+                               calibrated results in <exp>/scores_calibrated, and
+                               <exp>/model_calibrated.ckpt for verify
 Everything after -- is passed to training as Hydra overrides, e.g. -- trainer.epochs=10 optim.lr=0.1"
 
 . "$root/tools/parse_options.sh"
@@ -126,8 +127,9 @@ score_trials() {
     --out-dir "$1/scores"
 }
 
-# hold_out_speakers: 200 training speakers (at most 10 %, seed 0) go to $prepared/calibration with a
-# balanced list of up to 20,000 target and as many non-target trials; the rest to $train_dir.
+# hold_out_speakers: 200 training speakers (10 % at most, 4 at least; seed 0) go to
+# $prepared/calibration with a balanced list of up to 20,000 target and as many non-target
+# trials; the other speakers go to $train_dir.
 hold_out_speakers() {
   speakerlab make-trials --data-dir "$prepared/train" --speakers 200 \
     --out-dir "$prepared/calibration" --rest-dir "$train_dir"

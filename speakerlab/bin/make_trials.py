@@ -28,6 +28,9 @@ from speakerlab.errors import ConfigError, DataError
 from speakerlab.trials import balanced_trials, write_trials
 
 UTT_TABLES = ("wav.scp", "utt2spk", "utt2info", "utt2dur")  # per-utterance tables carried over
+# Fewer speakers give too few speaker pairs: non-target scores bunch up and a small list is often
+# perfectly separable, with no finite calibration.
+MIN_SPEAKERS = 4
 
 
 def pick_speakers(speakers: Collection[str], count: int, seed: int) -> set[str]:
@@ -63,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-fraction",
         type=float,
         default=0.1,
-        help="hold out at most this fraction of the speakers, or 2 if that is fewer "
+        help=f"hold out at most this fraction of the speakers, but at least {MIN_SPEAKERS} "
         "(default %(default)s)",
     )
     parser.add_argument("--rest-dir", help="write the speakers not held out here")
@@ -88,8 +91,7 @@ def run(args: argparse.Namespace) -> None:
     speakers = set(utt2spk.values())
     keep = speakers
     if args.speakers is not None:
-        # At least two speakers (non-target trials need them), at most the fraction otherwise.
-        count = min(args.speakers, max(2, int(args.max_fraction * len(speakers))))
+        count = min(args.speakers, max(MIN_SPEAKERS, int(args.max_fraction * len(speakers))))
         keep = pick_speakers(speakers, count, args.seed)
     held = {utt: spk for utt, spk in utt2spk.items() if spk in keep}
     trials = balanced_trials(held, args.targets, args.seed)
