@@ -123,11 +123,11 @@ def summary(calibration: Calibration, metrics: Metrics, num_trials: int) -> str:
     lines = [
         f"fitted on {num_trials} trials ({metrics.num_targets} targets) at prior "
         f"{calibration.prior:g}:",
-        f"  llr = {calibration.scale:.4f} * score + {calibration.offset:.4f}",
+        f"  llr = {calibration.scale:.4f} * score {_signed(calibration.offset)}",
     ]
     if calibration.duration_weights is not None:
         short, long = calibration.duration_weights
-        lines[-1] += f" + {short:.4f} * log(shorter s) + {long:.4f} * log(longer s)"
+        lines[-1] += f" {_signed(short)} * log(shorter s) {_signed(long)} * log(longer s)"
     lines.append(
         f"  on this list: Cllr {metrics.cllr:.4f}, min Cllr {metrics.min_cllr:.4f}, "
         f"actDCF(p={p:g}) {metrics.act_dcf[p]:.4f}, minDCF(p={p:g}) {metrics.min_dcf[p]:.4f}"
@@ -137,6 +137,10 @@ def summary(calibration: Calibration, metrics: Metrics, num_trials: int) -> str:
         decision += f" (score >= {calibration.score_threshold():.4f})"
     lines.append(decision)
     return "\n".join(lines)
+
+
+def _signed(value: float) -> str:
+    return f"{'-' if value < 0 else '+'} {abs(value):.4f}"
 
 
 @exits_on_error("calibrate")
