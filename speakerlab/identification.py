@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import struct
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ FORMAT = "speakerlab-speaker-db"
 VERSION = 1
 LOCK_WAIT_SECONDS = 60.0
 DEFAULT_TOP_K = 5
+_LOCAL_HEADER_SIZE = 30  # bytes of a zip entry's local header before its name and extra field
 
 
 def model_identity(source: str | Path) -> str:
@@ -276,7 +278,7 @@ class SpeakerDB:
             with np.load(path, allow_pickle=False) as archive:
                 header = json.loads(archive["header"].tobytes().decode("utf-8"))
                 _check_header(header, path)
-                directions = archive["directions"]
+                directions = _mapped_member(path, archive.zip, "directions")
                 lengths, counts = archive["lengths"], archive["counts"]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as err:
             raise DataError(f"{path}: not a readable speaker database ({err})") from None
@@ -293,6 +295,34 @@ class SpeakerDB:
         db = cls.create(header["model"], header["dim"], header.get("model_source", ""))
         db._set(header["names"], directions, lengths, counts)
         return db
+
+
+def _mapped_member(path: Path, archive: zipfile.ZipFile, name: str) -> np.ndarray:
+    """Array ``name`` of the uncompressed archive at ``path``, memory-mapped copy-on-write: no
+    copy through the zip reader (whose chunked reads dominate loading a large database)."""
+    info = archive.getinfo(f"{name}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ValueError(f"{name} is compressed")
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset)
+        local_header = handle.read(_LOCAL_HEADER_SIZE)
+        if local_header[:4] != b"PK\x03\x04":
+            raise ValueError(f"{name}: bad zip entry")
+        name_length, extra_length = struct.unpack("<HH", local_header[26:30])
+        handle.seek(info.header_offset + _LOCAL_HEADER_SIZE + name_length + extra_length)
+        version = np.lib.format.read_magic(handle)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran_order, dtype = read_header(handle)
+        offset = handle.tell()
+    if fortran_order or dtype.hasobject:
+        raise ValueError(f"{name}: unexpected array layout")
+    if offset + dtype.itemsize * int(np.prod(shape)) > path.stat().st_size:
+        raise ValueError(f"{name}: the file is shorter than the array")
+    return np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape)
 
 
 def _check_header(header: Any, path: Path) -> None:
