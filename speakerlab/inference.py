@@ -13,7 +13,9 @@ to [-1, 1]. Unreadable, empty and too-short audio raise :class:`AudioError`.
 The model is a registry id (downloaded with ``modelscope``), a checkpoint file (ours or a
 released one) or an exported ``.onnx`` file (run with ONNX Runtime). The decision threshold is
 the registry's for released models and the one stored in an ONNX file exported from them; for
-other checkpoints no threshold is known and :meth:`SpeakerVerifier.verify` needs one.
+other checkpoints no threshold is known and :meth:`SpeakerVerifier.verify` needs one. A checkpoint
+that carries a calibration (``speakerlab calibrate --model-out``) decides on the calibrated
+log-likelihood ratio instead, at the calibration's p_target, unless a threshold is given.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from speakerlab.audio import SAMPLE_RATE, read_audio
+from speakerlab.calibration import Calibration, read_model_calibration
 from speakerlab.distributed import resolve_device
 from speakerlab.errors import AudioError, ConfigError
 from speakerlab.extract import Embedder, TorchEmbedder
@@ -127,22 +130,30 @@ def load_embedder(
 
 @dataclass(frozen=True)
 class Verification:
-    """Cosine score of a pair and the decision at ``threshold`` (same speaker when >=)."""
+    """Cosine score of a pair and the decision at ``threshold`` (same speaker when >=). With a
+    calibration, ``llr`` is the pair's log-likelihood ratio, which decides, and ``threshold`` the
+    score at which it would reach the calibration's threshold."""
 
     score: float
     threshold: float
     same_speaker: bool
+    llr: float | None = None
 
 
 class SpeakerVerifier:
     """Embeds recordings and compares them by cosine similarity."""
 
     def __init__(
-        self, embedder: Embedder, threshold: float | None = None, source: str = "model"
+        self,
+        embedder: Embedder,
+        threshold: float | None = None,
+        source: str = "model",
+        calibration: Calibration | None = None,
     ) -> None:
         self.embedder = embedder
         self.threshold = threshold
         self.source = source
+        self.calibration = calibration
 
     @classmethod
     def load(
@@ -152,9 +163,12 @@ class SpeakerVerifier:
         threshold: float | None = None,
         device: str = "cpu",
     ) -> SpeakerVerifier:
-        """Load a registry id, checkpoint or ONNX file; ``threshold`` overrides the model's."""
+        """Load a registry id, checkpoint or ONNX file; ``threshold`` overrides the model's
+        threshold and calibration."""
         embedder, known_threshold = load_embedder(source, device)
-        return cls(embedder, known_threshold if threshold is None else threshold, str(source))
+        if threshold is not None:
+            return cls(embedder, threshold, str(source))
+        return cls(embedder, known_threshold, str(source), read_model_calibration(source))
 
     # ----------------------------------------------------------------- embeddings
 
@@ -260,10 +274,31 @@ class SpeakerVerifier:
         threshold: float | None = None,
     ) -> list[Verification]:
         """:meth:`verify` for many pairs at once."""
+        if threshold is None and self.calibration is not None:
+            return self._verify_calibrated(pairs, sample_rate)
         limit = self._threshold(threshold)
         return [
             Verification(score, limit, score >= limit)
             for score in self.score_pairs(pairs, sample_rate)
+        ]
+
+    def _verify_calibrated(
+        self, pairs: Sequence[tuple[AudioInput, AudioInput]], sample_rate: int | None
+    ) -> list[Verification]:
+        scores = self.score_pairs(pairs, sample_rate)
+        seconds = [None, None]
+        if self.calibration.uses_durations:
+            seconds = [
+                np.array([prepare_waveform(pair[side], sample_rate).numel() for pair in pairs])
+                / SAMPLE_RATE
+                for side in (0, 1)
+            ]
+        llrs, limits, same = self.calibration.decide(scores, *seconds)
+        return [
+            Verification(score, limit, decision, llr)
+            for score, limit, decision, llr in zip(
+                scores, limits.tolist(), same.tolist(), llrs.tolist()
+            )
         ]
 
 

@@ -3,7 +3,10 @@
 Prints the cosine score and the decision (same speaker when the score reaches the threshold).
 The threshold is the model's (0.249 for the released 3D-Speaker models, or the one stored in an
 ONNX file exported from them); ``--threshold`` overrides it and is required for checkpoints whose
-threshold is unknown (e.g. your own: use the EER threshold of your development trials).
+threshold is unknown (e.g. your own: use the EER threshold of your development trials). A model
+that carries a calibration (``speakerlab calibrate --model-out``; the recipe's
+``model_calibrated.ckpt``) also prints the log-likelihood ratio, which decides at the Bayes
+threshold of the calibration's p_target unless ``--threshold`` is given.
 """
 
 from __future__ import annotations
@@ -37,6 +40,13 @@ def run(args: argparse.Namespace) -> None:
     result = verifier.verify(args.enrol, args.test)
     decision = "same speaker" if result.same_speaker else "different speakers"
     print(f"score: {result.score:.4f}")
+    if result.llr is not None:
+        calibration = verifier.calibration
+        print(
+            f"llr: {result.llr:.4f} (calibrated; same speaker when llr >= "
+            f"{calibration.threshold_for():.4f}, the Bayes threshold at p_target "
+            f"{calibration.p_target:g})"
+        )
     print(f"decision: {decision} (threshold {result.threshold:g})")
 
 
