@@ -32,10 +32,11 @@ import torch
 
 from speakerlab.audio import load_audio
 from speakerlab.distributed import DistContext
-from speakerlab.extract import TorchEmbedder, extract_embeddings, read_embeddings
+from speakerlab.embedder import OnnxEmbedder, TorchEmbedder
+from speakerlab.extract import extract_embeddings, read_embeddings
 from speakerlab.features import fbank
 from speakerlab.models import build_model
-from speakerlab.onnx_export import OnnxEmbedder, export_onnx
+from speakerlab.onnx_export import export_onnx
 
 MODELS = {
     "eres2net": dict(m_channels=32, embedding_size=512),  # ERes2Net base (released)
