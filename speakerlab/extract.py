@@ -314,7 +314,7 @@ def read_entry(handle: IO[bytes], key: str, offset: int) -> np.ndarray:
     token = key.encode("utf-8") + b" "
     handle.seek(offset - len(token))
     if handle.read(len(token)) != token:
-        raise DataError(f"{handle.name}: the entry at offset {offset} is not {key!r}'s")
+        raise DataError(f"{handle.name}: the entry at offset {offset} does not belong to {key!r}")
     return np.asarray(read_kaldi(handle))
 
 
