@@ -91,7 +91,6 @@ from speakerlab.fileio import (
     file_digest,
     json_digest,
     temporary_files,
-    write_bytes_atomic,
     write_text_atomic,
 )
 from speakerlab.inference import SpeakerVerifier, prepare_waveform, require_file
@@ -290,8 +289,7 @@ class ArkWriter:
         self._note(key, fields, skipped=reason)
 
     def _note(self, key: str, fields: dict[str, Any], **where: Any) -> None:
-        entry = {"utt": key, **fields, **where}
-        self._pending.append(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._pending.append(_json_line({"utt": key, **fields, **where}))
 
     def flush(self) -> None:
         self._ark.flush()
@@ -300,13 +298,23 @@ class ArkWriter:
         self._pending.clear()
 
 
+def _json_line(value: dict[str, Any]) -> str:
+    return json.dumps(value, ensure_ascii=False) + "\n"
+
+
 def read_record(path: Path) -> tuple[str | None, list[dict[str, Any]]]:
-    """(run key, entries) of a record: its complete lines only (a torn last line is ignored)."""
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")[:-1]  # the piece after the last newline is unfinished
-    if not lines:
+    """(run key, entries) of a record: its complete lines up to the first unreadable one (a
+    torn or damaged record only loses what follows; a damaged header discards it all)."""
+    lines = path.read_bytes().split(b"\n")[:-1]  # the piece after the last newline is unfinished
+    decoded = []
+    for line in lines:
+        try:
+            decoded.append(json.loads(line))
+        except ValueError:  # also UnicodeDecodeError
+            break
+    if not decoded or not isinstance(decoded[0], dict) or "run" not in decoded[0]:
         return None, []
-    return json.loads(lines[0]).get("run"), [json.loads(line) for line in lines[1:]]
+    return decoded[0]["run"], decoded[1:]
 
 
 def read_entry(handle: IO[bytes], key: str, offset: int) -> np.ndarray:
@@ -354,7 +362,7 @@ def embedding_set(out_dir: Path, run_key: str | None) -> Iterator[ArkWriter]:
     # Nested so that the ark is in place before its record: a record implies a complete ark.
     with atomic_path(record_path) as record_tmp, atomic_path(ark_path) as ark_tmp:
         with open(ark_tmp, "wb") as ark, open(record_tmp, "w", encoding="utf-8") as record:
-            record.write(json.dumps({"run": run_key}) + "\n")
+            record.write(_json_line({"run": run_key}))
             writer = ArkWriter(ark, record)
             yield writer
             writer.flush()
@@ -582,17 +590,16 @@ def part_writer(out_dir: Path, ranks: DistContext, run_key: str) -> Iterator[Ark
     parts.mkdir(parents=True, exist_ok=True)
     stem = parts / f"part-{ranks.rank:03d}-of-{ranks.world_size:03d}"
     ark_path, record_path = stem.with_suffix(".ark"), stem.with_suffix(".jsonl")
-    end = 0
+    end, entries = 0, []
     if record_path.is_file():  # left by a killed run (those of other run keys are removed)
-        data = record_path.read_bytes()
-        write_bytes_atomic(record_path, data[: data.rfind(b"\n") + 1])
         run, entries = read_record(record_path)
         if run == run_key:
             end = max((e["end"] for e in entries if "end" in e), default=0)
         else:
-            record_path.unlink()
-    if not record_path.is_file():
-        write_text_atomic(record_path, json.dumps({"run": run_key}) + "\n")
+            entries = []
+    # Rewritten with its readable lines only, so that the lines appended next can be read.
+    lines = [{"run": run_key}, *entries]
+    write_text_atomic(record_path, "".join(_json_line(line) for line in lines))
     with open(ark_path, "r+b" if ark_path.is_file() else "wb") as ark:
         ark.seek(end)
         ark.truncate()
