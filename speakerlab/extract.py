@@ -6,58 +6,40 @@ Utterances are sorted by (frames, id) and each run of equal frame counts is cut 
 most ``batch_size`` utterances and ``max_batch_frames`` frames. A recording longer than the window
 (``window_seconds``) is embedded in windows (see :mod:`speakerlab.embedder`), in a batch of its own.
 
-Output folder::
+Output folder (a folder of :mod:`speakerlab.embedding_store`: ``embedding.scp`` and the set it
+refers to, written one run at a time under the folder's lock), and while a run goes on::
 
-    embedding.scp          "utt <absolute path of the ark>:<offset>" in wav.scp order
-    embedding.<id>.ark     the embeddings (Kaldi binary float vectors)
-    embedding.<id>.jsonl   the record of the set: the run key, then per utterance its audio file,
-                           the SHA-256 of the file's bytes, and its ark entry or why it was skipped
-    skipped.txt            utterances that could not be embedded and why (only when there are some)
-    parts/                 work in progress, one ark and record per rank; removed when merged
-    .lock                  taken by the run that writes the folder
-
-One run at a time: a run holds an exclusive lock on the folder; another waits up to
-``lock_wait_seconds`` (default 0) and then stops with a message naming the holder. Under torchrun
-rank 0 holds it and every rank learns of a refusal.
+    parts/        one ark and record per rank; removed once merged into the folder's set
+    skipped.txt   utterances that could not be embedded and why (only when there are some)
+    model.onnx    the model exported for the ONNX backend (extract_with_model)
 
 Resume, keyed on content: the run key is a digest of the embedder's identity (its weights, or the
 bytes of its ONNX file) and the window length; an utterance counts as done only when a record of
-the same run key holds it with the same path and the same audio digest. Anything else is discarded
-or embedded again, with one log line saying how many and why. Parts are written batch by batch, the
-ark before its record lines, so a complete record line always points at a complete embedding; a
-killed run goes on where it stopped.
-
-Commit: the set of a finished run is written under a fresh id (the ark, then its record), then
-``embedding.scp`` is replaced atomically, then older sets and the parts are removed. The scp is the
-one commit point: after a kill at any moment it refers to a complete set, or it is absent while a
-run that changes the set is in progress. Offsets come from the position of the file written to, and
-reading checks that each offset follows its own key.
+the same run key holds it with the same path and the same digest of its audio file's bytes.
+Anything else is discarded or embedded again, with one log line saying how many and why. Parts are
+written batch by batch, the ark before its record lines, so a complete record line always points
+at a complete embedding; a killed run goes on where it stopped. While a run changes the result,
+``embedding.scp`` is absent: no reader ever sees embeddings of another model or of changed files.
 
 Skips: an utterance found unusable while it is embedded (audio that cannot be read or holds NaN or
 infinite samples, a file changed since the list was read, an embedding that is not finite) is left
-out by name, never written with a bad value; the skips are logged at the end and listed in
-``skipped.txt``. Problems visible in the headers (missing files, unreadable headers, other sample
-rates, too-short audio) stop the run before any work, all listed at once.
-
-Paths: scp lines hold the ark's absolute path as it is, spaces and any other characters included
-(readers split a line at its first whitespace, as kaldiio does); only a line break cannot be held.
+out by name, never written with a bad value; the skips are logged at the end of every run and
+listed in ``skipped.txt``, and are tried again only when the model or the file changes. Problems
+visible in the headers (missing files, unreadable headers, other sample rates, too-short audio)
+stop the run before any work, all listed at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import secrets
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-import numpy as np
 import torch
-from kaldiio.matio import read_kaldi, write_array
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -83,24 +65,25 @@ from speakerlab.embedder import (
     window_shape,
     windowed_fbank,
 )
+from speakerlab.embedding_store import (
+    SCP_NAME,
+    SET_PREFIX,
+    ArkWriter,
+    committed_set,
+    embedding_set,
+    output_lock,
+    read_entry,
+    read_record,
+    write_record,
+)
 from speakerlab.errors import AudioError, ConfigError, DataError
 from speakerlab.features import num_frames
-from speakerlab.fileio import (
-    atomic_path,
-    exclusive_lock,
-    file_digest,
-    json_digest,
-    temporary_files,
-    write_text_atomic,
-)
+from speakerlab.fileio import file_digest, json_digest, write_text_atomic
 from speakerlab.inference import SpeakerVerifier, prepare_waveform, require_file
 
-SCP_NAME = "embedding.scp"
 SKIPPED_NAME = "skipped.txt"
 PARTS_DIR = "parts"
-LOCK_NAME = ".lock"
 ONNX_NAME = "model.onnx"
-_SET_PREFIX = "embedding."
 _MAX_LISTED = 10
 _SCAN_THREADS = 4  # reading headers and hashing files waits on the disk more than on the CPU
 
@@ -259,153 +242,6 @@ class BatchFeatures(Dataset):
         return loaded, skipped
 
 
-# --------------------------------------------------------------------------- ark and record
-
-
-class ArkWriter:
-    """Writes embeddings to an ark handle and one JSON line per utterance to its record handle.
-
-    Offsets are read from the ark handle itself; :meth:`flush` flushes the ark before the record
-    lines are written, so a complete record line always refers to a complete ark entry.
-    """
-
-    def __init__(self, ark: IO[bytes], record: IO[str]) -> None:
-        self._ark, self._record = ark, record
-        self._pending: list[str] = []
-        self.written: list[tuple[str, int]] = []  # (utt, offset) of every embedding, in order
-
-    def add(self, key: str, vector: np.ndarray, **fields: Any) -> None:
-        """Write ``key``'s embedding; ``fields`` (its path, digest) go into its record line."""
-        if not key or any(c.isspace() for c in key):
-            raise DataError(f"{key!r}: an embedding key must be non-empty without whitespace")
-        self._ark.write(key.encode("utf-8") + b" ")
-        start = self._ark.tell()
-        write_array(self._ark, np.asarray(vector, dtype=np.float32))
-        self.written.append((key, start))
-        self._note(key, fields, start=start, end=self._ark.tell())
-
-    def add_skipped(self, key: str, reason: str, **fields: Any) -> None:
-        """Record that ``key`` was not embedded, and why."""
-        self._note(key, fields, skipped=reason)
-
-    def _note(self, key: str, fields: dict[str, Any], **where: Any) -> None:
-        self._pending.append(_json_line({"utt": key, **fields, **where}))
-
-    def flush(self) -> None:
-        self._ark.flush()
-        self._record.write("".join(self._pending))
-        self._record.flush()
-        self._pending.clear()
-
-
-def _json_line(value: dict[str, Any]) -> str:
-    return json.dumps(value, ensure_ascii=False) + "\n"
-
-
-def read_record(path: Path) -> tuple[str | None, list[dict[str, Any]]]:
-    """(run key, entries) of a record: its complete lines up to the first unreadable one (a
-    torn or damaged record only loses what follows; a damaged header discards it all)."""
-    lines = path.read_bytes().split(b"\n")[:-1]  # the piece after the last newline is unfinished
-    decoded = []
-    for line in lines:
-        try:
-            decoded.append(json.loads(line))
-        except ValueError:  # also UnicodeDecodeError
-            break
-    if not decoded or not isinstance(decoded[0], dict) or "run" not in decoded[0]:
-        return None, []
-    return decoded[0]["run"], decoded[1:]
-
-
-def read_entry(handle: IO[bytes], key: str, offset: int) -> np.ndarray:
-    """The vector at ``offset`` of an open ark, checking that the entry there is ``key``'s."""
-    token = key.encode("utf-8") + b" "
-    handle.seek(offset - len(token))
-    if handle.read(len(token)) != token:
-        raise DataError(f"{handle.name}: the entry at offset {offset} does not belong to {key!r}")
-    return np.asarray(read_kaldi(handle))
-
-
-def _split_scp_line(line: str) -> tuple[str, Path, int]:
-    key, location = line.split(maxsplit=1)  # the path may hold spaces
-    ark, offset = location.rstrip("\r\n").rsplit(":", 1)
-    return key, Path(ark), int(offset)
-
-
-def read_embeddings(scp: str | Path) -> dict[str, np.ndarray]:
-    """All embeddings of an scp, in file order; any characters in the ark paths but line breaks.
-    Each offset is checked to follow its own key."""
-    result: dict[str, np.ndarray] = {}
-    with contextlib.ExitStack() as stack:
-        handles: dict[Path, IO[bytes]] = {}
-        for number, line in enumerate(Path(scp).read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                key, ark, offset = _split_scp_line(line)
-            except ValueError:
-                raise DataError(f"{scp}:{number}: expected 'key ark-path:offset'") from None
-            if ark not in handles:
-                handles[ark] = stack.enter_context(open(ark, "rb"))
-            result[key] = read_entry(handles[ark], key, offset)
-    return result
-
-
-@contextlib.contextmanager
-def embedding_set(out_dir: Path, run_key: str | None) -> Iterator[ArkWriter]:
-    """Write a new set of embeddings; when the block ends without an exception it becomes
-    ``<out_dir>/embedding.scp`` (see "Commit" in the module docstring); otherwise nothing
-    changes."""
-    set_id = secrets.token_hex(6)
-    ark_path = out_dir / f"{_SET_PREFIX}{set_id}.ark"
-    record_path = out_dir / f"{_SET_PREFIX}{set_id}.jsonl"
-    # Nested so that the ark is in place before its record: a record implies a complete ark.
-    with atomic_path(record_path) as record_tmp, atomic_path(ark_path) as ark_tmp:
-        with open(ark_tmp, "wb") as ark, open(record_tmp, "w", encoding="utf-8") as record:
-            record.write(_json_line({"run": run_key}))
-            writer = ArkWriter(ark, record)
-            yield writer
-            writer.flush()
-    location = str(ark_path.resolve())
-    lines = "".join(f"{utt} {location}:{offset}\n" for utt, offset in writer.written)
-    write_text_atomic(out_dir / SCP_NAME, lines)
-    _remove_sets(out_dir, keep=set_id)
-
-
-def committed_set(out_dir: Path) -> str | None:
-    """The id of the set that ``embedding.scp`` refers to, if it is one of this folder's."""
-    scp = out_dir / SCP_NAME
-    if not scp.is_file():
-        return None
-    with open(scp, encoding="utf-8") as handle:
-        first = handle.readline()
-    try:
-        _, ark, _ = _split_scp_line(first)
-    except ValueError:
-        return None
-    if ark.parent != out_dir.resolve() or not ark.name.startswith(_SET_PREFIX):
-        return None  # an older layout, or a folder that was moved: written anew
-    return ark.name.removeprefix(_SET_PREFIX).removesuffix(".ark")
-
-
-def _remove_sets(out_dir: Path, keep: str | None) -> None:
-    """Remove every set but ``keep`` (records first: a record must never outlive its ark), the
-    parts and temporary files left by killed runs. Only under the folder's lock."""
-    kept = {f"{_SET_PREFIX}{keep}.jsonl", f"{_SET_PREFIX}{keep}.ark"}
-    for pattern in ("embedding.*.jsonl", "embedding.*.ark", "embedding.ark"):
-        for path in out_dir.glob(pattern):
-            if path.name not in kept:
-                path.unlink()
-    parts = out_dir / PARTS_DIR
-    if parts.is_dir():
-        for path in sorted(parts.glob("*.jsonl")) + sorted(parts.iterdir()):
-            path.unlink(missing_ok=True)
-        parts.rmdir()
-    for path in temporary_files(out_dir):
-        path.unlink(missing_ok=True)
-    (out_dir / SKIPPED_NAME).unlink(missing_ok=True)  # it describes the set just replaced
-
-
 # --------------------------------------------------------------------------- the folder's state
 
 
@@ -444,7 +280,7 @@ def _up_to_date(out_dir: Path, utterances: Sequence[Utterance], run_key: str) ->
     set_id = committed_set(out_dir)
     if set_id is None or (out_dir / PARTS_DIR).exists():
         return False
-    run, entries = read_record(out_dir / f"{_SET_PREFIX}{set_id}.jsonl")
+    run, entries = read_record(out_dir / f"{SET_PREFIX}{set_id}.jsonl")
     return (
         run == run_key
         and len(entries) == len(utterances)
@@ -503,7 +339,17 @@ def merge(out_dir: Path, utterances: Sequence[Utterance], run_key: str) -> list[
             if ark not in handles:
                 handles[ark] = stack.enter_context(open(ark, "rb"))
             writer.add(utt.utt, read_entry(handles[ark], utt.utt, entry["start"]), **utt.source)
+    _remove_parts(out_dir)
     return skipped
+
+
+def _remove_parts(out_dir: Path) -> None:
+    """Remove the parts (records first: a record must never outlive its ark); under the lock."""
+    parts = out_dir / PARTS_DIR
+    if parts.is_dir():
+        for path in [*sorted(parts.glob("*.jsonl")), *sorted(parts.glob("*.ark"))]:
+            path.unlink()
+        parts.rmdir()
 
 
 def skipped_in_committed(out_dir: Path) -> list[str]:
@@ -511,7 +357,7 @@ def skipped_in_committed(out_dir: Path) -> list[str]:
     set_id = committed_set(out_dir)
     if set_id is None:
         return []
-    _, entries = read_record(out_dir / f"{_SET_PREFIX}{set_id}.jsonl")
+    _, entries = read_record(out_dir / f"{SET_PREFIX}{set_id}.jsonl")
     return [f"{e['utt']}: {e['skipped']}" for e in entries if "skipped" in e]
 
 
@@ -527,39 +373,6 @@ def _write_skipped(out_dir: Path, skipped: Sequence[str]) -> None:
 
 
 # --------------------------------------------------------------------------- extraction
-
-
-_HELD: set[Path] = set()
-
-
-@contextlib.contextmanager
-def output_lock(
-    out_dir: str | Path, ranks: DistContext | None = None, wait_seconds: float = 0.0
-) -> Iterator[None]:
-    """Hold ``out_dir`` for this run (see the module docstring); taken again in the same
-    process it is a no-op, so a caller may hold it around :func:`extract_embeddings`."""
-    ranks = ranks or single_process()
-    folder = Path(out_dir).resolve()
-    if "\n" in str(folder) or "\r" in str(folder):
-        raise ConfigError(f"{str(folder)!r}: an scp file cannot name a path with a line break")
-    if folder in _HELD:
-        yield
-        return
-    with contextlib.ExitStack() as stack:
-
-        def take() -> None:
-            if ranks.is_main:
-                lock = exclusive_lock(
-                    folder / LOCK_NAME, what=f"output folder {folder}", wait_seconds=wait_seconds
-                )
-                stack.enter_context(lock)
-
-        run_on_every_rank(ranks, take)
-        _HELD.add(folder)
-        try:
-            yield
-        finally:
-            _HELD.discard(folder)
 
 
 def _on_main(ranks: DistContext, step: Callable[[], T]) -> T:
@@ -597,9 +410,7 @@ def part_writer(out_dir: Path, ranks: DistContext, run_key: str) -> Iterator[Ark
             end = max((e["end"] for e in entries if "end" in e), default=0)
         else:
             entries = []
-    # Rewritten with its readable lines only, so that the lines appended next can be read.
-    lines = [{"run": run_key}, *entries]
-    write_text_atomic(record_path, "".join(_json_line(line) for line in lines))
+    write_record(record_path, run_key, entries)  # its readable lines only: appends stay readable
     with open(ark_path, "r+b" if ark_path.is_file() else "wb") as ark:
         ark.seek(end)
         ark.truncate()
@@ -750,11 +561,14 @@ def embed_recordings(
     verifier.check_files(list(recordings.values()))
     out_dir = Path(out_dir)
     keys = list(recordings)
-    with output_lock(out_dir), embedding_set(out_dir, run_key=None) as writer:
-        for start in range(0, len(keys), chunk):
-            part = keys[start : start + chunk]
-            matrix = verifier.embed_many([recordings[k] for k in part], normalize=normalize)
-            for key, vector in zip(part, matrix):
-                writer.add(key, vector, path=recordings[key])
-            writer.flush()
+    with output_lock(out_dir):
+        with embedding_set(out_dir, run_key=None) as writer:
+            for start in range(0, len(keys), chunk):
+                part = keys[start : start + chunk]
+                matrix = verifier.embed_many([recordings[k] for k in part], normalize=normalize)
+                for key, vector in zip(part, matrix):
+                    writer.add(key, vector, path=recordings[key])
+                writer.flush()
+        _remove_parts(out_dir)  # what an extraction left here belongs to the replaced set
+        (out_dir / SKIPPED_NAME).unlink(missing_ok=True)
     return out_dir / SCP_NAME, matrix.shape[1]

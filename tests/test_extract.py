@@ -12,13 +12,9 @@ import torch
 from processes import run_bounded
 
 from speakerlab.embedder import Embedder, TorchEmbedder
+from speakerlab.embedding_store import read_embeddings
 from speakerlab.errors import AudioError
-from speakerlab.extract import (
-    Utterance,
-    extract_embeddings,
-    make_batches,
-    read_embeddings,
-)
+from speakerlab.extract import Utterance, extract_embeddings, make_batches
 from speakerlab.features import fbank
 from speakerlab.models import build_model
 from speakerlab.models.checkpoint import save_embedding_model

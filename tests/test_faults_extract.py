@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -20,14 +21,15 @@ import soundfile
 import torch
 from processes import run_bounded
 
-from speakerlab import extract as extract_module
+from speakerlab import embedding_store
 from speakerlab.bin import embed as embed_cli
 from speakerlab.bin import export_onnx as export_cli
 from speakerlab.bin import extract as extract_cli
 from speakerlab.bin import verify as verify_cli
 from speakerlab.embedder import Embedder, TorchEmbedder
+from speakerlab.embedding_store import read_embeddings
 from speakerlab.errors import AudioError, DataError
-from speakerlab.extract import extract_embeddings, read_embeddings
+from speakerlab.extract import extract_embeddings
 from speakerlab.fileio import LockedError, exclusive_lock, file_digest
 from speakerlab.inference import SpeakerVerifier
 from speakerlab.models import build_model
@@ -246,15 +248,15 @@ def test_a_kill_during_the_merge_never_leaves_a_wrong_scp(tmp_path, monkeypatch,
     write_list(wav_scp, table)
     reference = read_embeddings(run(tmp_path / "reference", wav_scp))
 
-    target = "write_text_atomic" if where == "before the scp is replaced" else "_remove_sets"
-    real = getattr(extract_module, target)
+    target = "write_text_atomic" if where == "before the scp is replaced" else "remove_other_sets"
+    real = getattr(embedding_store, target)
 
     def killed(path, *args, **kwargs):
-        if target == "_remove_sets" or Path(path).name == "embedding.scp":
+        if target == "remove_other_sets" or Path(path).name == "embedding.scp":
             raise KeyboardInterrupt("killed")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(extract_module, target, killed)
+    monkeypatch.setattr(embedding_store, target, killed)
     with pytest.raises(KeyboardInterrupt):
         run(out, wav_scp)
     monkeypatch.undo()
@@ -664,6 +666,27 @@ def test_dist_timeout_is_an_option(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         extract_cli.main([*base, "--dist-timeout-minutes", "2.5"])
     assert seen["timeout"] == 2.5
+
+
+@pytest.mark.slow
+def test_a_missing_peer_ends_the_run_after_the_timeout(tmp_path, checkpoint):
+    """A rank whose peer never comes waited 48 h. With --dist-timeout-minutes 0.1 the lone
+    rank 0 of a two-process job gives up after about 6 s."""
+    wav_scp = write_list(tmp_path / "wav.scp", {"a": write_wav(tmp_path / "a.wav", 1.0, 0)})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "WORLD_SIZE": "2"}
+    env.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(probe.getsockname()[1])
+    command = [
+        sys.executable, "-m", "speakerlab", "extract", "--model", str(checkpoint),
+        "--wav-scp", str(wav_scp), "--out-dir", str(tmp_path / "out"), "--device", "cpu",
+        "--backend", "torch", "--dist-timeout-minutes", "0.1",
+    ]  # fmt: skip
+    start = time.monotonic()
+    result = run_bounded(command, timeout=120, env=env)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 90
 
 
 # --------------------------------------------------------------------------- memory

@@ -10,8 +10,9 @@ import torch
 from speakerlab.bin import export_onnx as export_cli
 from speakerlab.bin import extract as extract_cli
 from speakerlab.embedder import OnnxEmbedder, TorchEmbedder, choose_backend
+from speakerlab.embedding_store import read_embeddings
 from speakerlab.errors import CheckpointError, ConfigError
-from speakerlab.extract import extract_embeddings, read_embeddings
+from speakerlab.extract import extract_embeddings
 from speakerlab.inference import SpeakerVerifier
 from speakerlab.models import build_model
 from speakerlab.models.checkpoint import save_embedding_model

@@ -4,6 +4,8 @@ Prints the cosine score and the decision (same speaker when the score reaches th
 The threshold is the model's (0.249 for the released 3D-Speaker models, or the one stored in an
 ONNX file exported from them); ``--threshold`` overrides it and is required for checkpoints whose
 threshold is unknown (e.g. your own: use the EER threshold of your development trials).
+Recordings longer than --window-seconds are embedded in windows whose embeddings are averaged, so
+the model's memory does not grow with the length of a recording.
 """
 
 from __future__ import annotations
