@@ -14,8 +14,9 @@ refers to, written one run at a time under the folder's lock), and while a run g
     model.onnx    the model exported for the ONNX backend (extract_with_model)
 
 Resume, keyed on content: the run key is a digest of the embedder's identity (its weights, or the
-bytes of its ONNX file) and the window length; an utterance counts as done only when a record of
-the same run key holds it with the same path and the same digest of its audio file's bytes.
+bytes of its ONNX file); an utterance counts as done only when a record of the same run key holds
+it with the same path, the same digest of its audio file's bytes and the same windows (a longer or
+shorter window affects only the recordings it cuts differently).
 Anything else is discarded or embedded again, with one log line saying how many and why. Parts are
 written batch by batch, the ark before its record lines, so a complete record line always points
 at a complete embedding; a killed run goes on where it stopped. While a run changes the result,
@@ -107,13 +108,19 @@ class Utterance:
     frames: int
 
     @property
-    def source(self) -> dict[str, str]:
-        """What its record line says it was made from."""
-        return {"path": self.path, "digest": self.digest}
+    def source(self) -> dict[str, Any]:
+        """What its record line says it was made from: the file, its digest, the windows."""
+        return {
+            "path": self.path,
+            "digest": self.digest,
+            "windows": self.windows,
+            "frames": self.frames,
+        }
 
     def same_input(self, entry: dict[str, Any]) -> bool:
-        """Whether a record entry was made from this very file content at this path."""
-        return entry.get("path") == self.path and entry.get("digest") == self.digest
+        """Whether a record entry was made from this very file content at this path, cut into
+        the same windows."""
+        return all(entry.get(key) == value for key, value in self.source.items())
 
 
 def _scan_one(utt: str, path: str, min_frames: int, window_frames: int) -> Utterance | str:
@@ -306,7 +313,7 @@ def prepare(out_dir: Path, utterances: Sequence[Utterance], run_key: str) -> lis
             record.unlink()
             record.with_suffix(".ark").unlink(missing_ok=True)
     if changed:
-        log.info("%d entries changed path/content: re-embedding them", len(changed))
+        log.info("%d entries changed path/content/windows: re-embedding them", len(changed))
     todo = [u for u in utterances if u.utt not in valid]
     if valid:
         log.info("resuming: %d of %d utterances already done", len(valid), len(utterances))
@@ -469,7 +476,7 @@ def extract_embeddings(
     out_dir = Path(out_dir)
     window_frames = window_frames_for(window_seconds)
     check_window(window_frames, embedder.min_frames)
-    run_key = json_digest({"embedder": embedder.identity, "window_frames": window_frames})
+    run_key = json_digest({"embedder": embedder.identity})
     with output_lock(out_dir, ranks, lock_wait_seconds):
         utterances = scan_wav_scp(wav_scp, embedder.min_frames, window_frames, ranks)
         todo = _on_main(ranks, lambda: prepare(out_dir, utterances, run_key))
