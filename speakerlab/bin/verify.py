@@ -7,6 +7,8 @@ threshold is unknown (e.g. your own: use the EER threshold of your development t
 that carries a calibration (``speakerlab calibrate --model-out``; the recipe's
 ``model_calibrated.ckpt``) also prints the log-likelihood ratio, which decides at the Bayes
 threshold of the calibration's p_target unless ``--threshold`` is given.
+Recordings longer than --window-seconds are embedded in windows whose embeddings are averaged, so
+the model's memory does not grow with the length of a recording.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from speakerlab.bin import exits_on_error
+from speakerlab.embedder import DEFAULT_MAX_BATCH_FRAMES, DEFAULT_WINDOW_SECONDS
 from speakerlab.inference import DEFAULT_MODEL, SpeakerVerifier
 
 
@@ -32,11 +35,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threshold", type=float, help="decision threshold on the cosine score")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument(
+        "--window-seconds",
+        type=float,
+        default=DEFAULT_WINDOW_SECONDS,
+        help="recordings longer than this are embedded in windows of at most this length, "
+        "their embeddings averaged (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-batch-frames",
+        type=int,
+        default=DEFAULT_MAX_BATCH_FRAMES,
+        help="most fbank frames given to the model at once (default %(default)s)",
+    )
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
-    verifier = SpeakerVerifier.load(args.model, threshold=args.threshold, device=args.device)
+    verifier = SpeakerVerifier.load(
+        args.model,
+        threshold=args.threshold,
+        device=args.device,
+        window_seconds=args.window_seconds,
+        max_batch_frames=args.max_batch_frames,
+    )
     result = verifier.verify(args.enrol, args.test)
     decision = "same speaker" if result.same_speaker else "different speakers"
     print(f"score: {result.score:.4f}")

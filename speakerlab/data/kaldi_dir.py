@@ -24,9 +24,15 @@ def read_table(path: str | Path, num_fields: int = 2) -> dict[str, str]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     table: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                    f"{err.start + 1}); save the list as UTF-8"
+                ) from None
             if not line:
                 continue
             fields = line.split(maxsplit=1 if num_fields == 2 else -1)
