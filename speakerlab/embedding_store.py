@@ -27,14 +27,16 @@ import json
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from kaldiio.matio import read_kaldi, write_array
 
-from speakerlab.distributed import DistContext, run_on_every_rank, single_process
 from speakerlab.errors import ConfigError, DataError
 from speakerlab.fileio import atomic_path, exclusive_lock, temporary_files, write_text_atomic
+
+if TYPE_CHECKING:
+    from speakerlab.distributed import DistContext
 
 SCP_NAME = "embedding.scp"
 LOCK_NAME = ".lock"
@@ -130,9 +132,19 @@ def read_embeddings(scp: str | Path) -> dict[str, np.ndarray]:
                 key, ark, offset = _split_scp_line(line)
             except ValueError:
                 raise DataError(f"{scp}:{number}: expected 'key ark-path:offset'") from None
-            if ark not in handles:
-                handles[ark] = stack.enter_context(open(ark, "rb"))
-            result[key] = read_entry(handles[ark], key, offset)
+            if key in result:
+                raise DataError(f"{scp}:{number}: {key!r} is listed twice")
+            try:
+                if ark not in handles:
+                    handles[ark] = stack.enter_context(open(ark, "rb"))
+                result[key] = read_entry(handles[ark], key, offset)
+            except DataError:
+                raise
+            except Exception as err:  # a missing ark, or a torn or foreign entry
+                raise DataError(
+                    f"{scp}:{number}: cannot read the embedding of {key!r} from {ark} "
+                    f"({type(err).__name__}: {err})"
+                ) from None
     return result
 
 
@@ -195,6 +207,9 @@ def output_lock(
 ) -> Iterator[None]:
     """Hold ``out_dir`` for this run (see the module docstring); taken again in the same
     process it is a no-op, so a caller may hold it around :func:`extract_embeddings`."""
+    # Imported here: reading embeddings (speakerlab score) must not pay for importing torch.
+    from speakerlab.distributed import run_on_every_rank, single_process
+
     ranks = ranks or single_process()
     folder = Path(out_dir).resolve()
     if "\n" in str(folder) or "\r" in str(folder):

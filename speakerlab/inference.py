@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speakerlab.audio import SAMPLE_RATE, audio_info, read_audio
+from speakerlab.audio import SAMPLE_RATE, audio_info, check_finite, read_audio
 from speakerlab.calibration import Calibration, read_model_calibration
 from speakerlab.embedder import (
     DEFAULT_MAX_BATCH_FRAMES,
@@ -133,8 +133,7 @@ def prepare_waveform(
         )
     if wav.numel() == 0:
         raise AudioError(f"{name}: audio is empty")
-    if not torch.isfinite(wav).all():
-        raise AudioError(f"{name}: audio contains NaN or infinite samples")
+    check_finite(wav, name)  # files are checked on reading; arrays and tensors here
     if rate != SAMPLE_RATE:
         wav = resample(wav, rate, SAMPLE_RATE)
     return wav

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import kaldiio
 import numpy as np
 
 from speakerlab.calibration import Calibration, trial_seconds
 from speakerlab.data.kaldi_dir import read_utt2spk, spk2utt_from_utt2spk
+from speakerlab.embedding_store import read_embeddings
 from speakerlab.errors import DataError
 from speakerlab.fileio import atomic_write, write_json_atomic, write_text_atomic
 from speakerlab.metrics import (
@@ -85,21 +85,14 @@ def load_embeddings(scp_paths: str | Path | Sequence[str | Path]) -> EmbeddingTa
     for scp in map(Path, scp_paths):
         if not scp.is_file():
             raise DataError(f"{scp}: embedding scp not found")
-        try:
-            for key, vector in kaldiio.load_scp_sequential(str(scp)):
-                if key in origin:
-                    raise DataError(
-                        f"{scp}: utterance {key!r} already has an embedding in {origin[key]}"
-                    )
-                origin[key] = scp
-                keys.append(key)
-                vectors.append(np.asarray(vector, dtype=np.float32).ravel())
-        except DataError:
-            raise
-        except Exception as err:  # kaldiio raises many types for broken ark/scp files
-            raise DataError(
-                f"{scp}: cannot read embeddings ({type(err).__name__}: {err})"
-            ) from None
+        for key, vector in read_embeddings(scp).items():
+            if key in origin:
+                raise DataError(
+                    f"{scp}: utterance {key!r} already has an embedding in {origin[key]}"
+                )
+            origin[key] = scp
+            keys.append(key)
+            vectors.append(np.asarray(vector, dtype=np.float32).ravel())
     if not keys:
         raise DataError(f"{', '.join(map(str, scp_paths))}: no embeddings")
     dim = vectors[0].size

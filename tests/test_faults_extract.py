@@ -459,9 +459,10 @@ def test_non_finite_audio_and_embeddings_are_skipped_by_name(tmp_path):
     assert sorted(got) == [f"utt{i}" for i in range(6)]
     assert all(np.isfinite(v).all() for v in got.values())
     skipped = (out / "skipped.txt").read_text(encoding="utf-8").splitlines()
+    bad_audio = "audio contains 1 NaN or infinite sample(s), the first at sample 1234"
     assert skipped == [
-        f"nan: {table['nan']}: audio contains NaN or infinite samples",
-        f"inf: {table['inf']}: audio contains NaN or infinite samples",
+        f"nan: {table['nan']}: {bad_audio}",
+        f"inf: {table['inf']}: {bad_audio}",
         f"poisoned: {table['poisoned']}: the model gave a non-finite embedding",
     ]
     # Every vector in the folder's arks is finite, whatever the scp says.
@@ -486,7 +487,7 @@ def test_verify_and_embed_reject_non_finite_audio_and_embeddings(tmp_path, check
         [str(good), str(path), "--model", str(checkpoint), "--threshold", "0.5"],
         capsys,
     )
-    assert "nan.wav: audio contains NaN or infinite samples" in err
+    assert "nan.wav: audio contains 1 NaN or infinite sample(s)" in err
     verifier = SpeakerVerifier(StatsEmbedder(poison_frames=98))  # 1 s = 98 frames
     with pytest.raises(AudioError, match="good.wav: the model gave a non-finite embedding"):
         verifier.embed(good)
@@ -515,7 +516,7 @@ def test_a_bad_input_leaves_earlier_embed_results_intact(tmp_path, checkpoint, c
     for bad, message in (
         (tmp_path / "missing.wav", "missing.wav: file not found"),
         (short, "short.wav: 0.019 s of audio is too short"),
-        (nan, "nan.wav: audio contains NaN or infinite samples"),
+        (nan, "nan.wav: audio contains 1 NaN or infinite sample(s)"),
     ):
         err = cli_error(embed_cli.main, [str(good[0]), str(bad), str(good[1]), *args], capsys)
         assert message in err
