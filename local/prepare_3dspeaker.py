@@ -18,14 +18,16 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from speakerlab.data.kaldi_dir import read_table, spk2utt_from_utt2spk, write_table
 from speakerlab.errors import DataError, SpeakerlabError
-from speakerlab.fileio import write_text_atomic
+from speakerlab.fileio import write_bytes_atomic
+from speakerlab.trials import read_trials, write_trials
 
 SPLITS = ("train", "test")
 TRIAL_LISTS = ("trials_cross_device", "trials_cross_distance", "trials_cross_dialect")
@@ -34,7 +36,6 @@ METADATA_FILES = (
     + TRIAL_LISTS
 )
 EXCLUDED_DEVICE = "Device09"  # the ARRAY device, left out of training and evaluation
-TRIAL_LABELS = {"target", "nontarget", "1", "0"}
 MUSAN_NOISE_SUBDIR = Path("noise") / "free-sound"
 RIRS_SUBDIR = "real_rirs_isotropic_noises"
 
@@ -181,39 +182,31 @@ def prepare_trials(corpus_dir: Path, out_dir: Path, test_utts: set[str]) -> dict
     counts = {}
     for name in TRIAL_LISTS:
         src = corpus_dir / "files" / name
-        kept_lines, dropped = [], 0
-        with open(src, encoding="utf-8") as f:
-            lines = f.readlines()
-        for lineno, line in enumerate(lines, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 3 or fields[2] not in TRIAL_LABELS:
+        trials = read_trials(src)
+        known = np.fromiter(
+            (e in test_utts and t in test_utts for e, t in zip(trials.enrol, trials.test)),
+            dtype=bool,
+            count=len(trials),
+        )
+        for i in np.flatnonzero(~known).tolist():
+            unknown = [u for u in (trials.enrol[i], trials.test[i]) if u not in test_utts]
+            if not all(u in listed and EXCLUDED_DEVICE not in u for u in unknown):
                 raise DataError(
-                    f"{src}:{lineno}: expected 'enrol_utt test_utt target|nontarget', "
-                    f"got {line.strip()!r}"
-                )
-            unknown = [u for u in fields[:2] if u not in test_utts]
-            if unknown:
-                if all(u in listed and EXCLUDED_DEVICE not in u for u in unknown):
-                    dropped += 1  # its audio was missing and dropped on request
-                    continue
-                raise DataError(
-                    f"{src}:{lineno}: utterance {unknown[0]} is not in the prepared "
-                    f"test set (not in files/test_wav.scp, or recorded with "
+                    f"{src}:{trials.line_numbers[i]}: utterance {unknown[0]} is not in the "
+                    f"prepared test set (not in files/test_wav.scp, or recorded with "
                     f"{EXCLUDED_DEVICE})"
                 )
-            kept_lines.append(line)
         dest = out_dir / name
-        if dropped:
+        dropped = len(trials) - int(known.sum())
+        if dropped:  # their audio was missing and dropped on request
             print(
                 f"warning: {name}: left out {dropped} trials whose audio is missing",
                 file=sys.stderr,
             )
-            write_text_atomic(dest, "".join(kept_lines))
+            write_trials(dest, trials.subset(known))
         else:
-            shutil.copyfile(src, dest)
-        counts[name] = len(kept_lines)
+            write_bytes_atomic(dest, src.read_bytes())
+        counts[name] = len(trials) - dropped
     return counts
 
 

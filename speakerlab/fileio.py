@@ -30,7 +30,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from speakerlab.errors import ConfigError
 
-if TYPE_CHECKING:  # torch is imported where needed: listing and indexing tools run without it
+if TYPE_CHECKING:  # torch is imported where tensors are hashed: scoring never needs it
     import torch
 
 _CHUNK = 1 << 20

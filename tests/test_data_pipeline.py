@@ -20,11 +20,9 @@ from speakerlab.data.augment import Augmenter, add_noise, add_reverb, mix_at_snr
 from speakerlab.data.dataset import TrainDataset, build_train_dataset, limit_worker_threads
 from speakerlab.data.index import build_train_index, load_train_index
 from speakerlab.data.kaldi_dir import read_table, write_table
-from speakerlab.data.kaldi_fbank import KaldiFbank
 from speakerlab.data.sampler import DistributedResumableSampler
-from speakerlab.data.speed_perturb import PolyphaseResampler, SpeedPerturbation
+from speakerlab.data.speed_perturb import SpeedPerturbation
 from speakerlab.errors import AudioError, ConfigError, DataError
-from speakerlab.features import fbank
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
@@ -117,7 +115,8 @@ def test_bad_files_are_reported_by_name_and_skipped(mini_data, tmp_path, capsys)
         "audio is empty",
         "sample rate is 8000 Hz",
         "has 2 channels",
-        "cannot read audio header",
+        "garbage.wav: not a readable audio file",
+        "missing.wav: file not found",
     ):
         assert reason in err
     assert all(utt in err for utt in bad)
@@ -155,22 +154,6 @@ def test_make_index_command(mini_data, tmp_path, capsys, monkeypatch):
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("speakerlab make-index: error:") and "wav.scp: file not found" in err
-
-
-# ---------------------------------------------------------------------------------- features
-
-
-def test_kaldi_fbank_gives_the_numbers_of_features_fbank():
-    ref = torch.load(REPO / "tests" / "fixtures" / "reference" / "fbank.pt", weights_only=True)
-    fast = KaldiFbank()
-    assert torch.allclose(fast(ref["wav"].flatten()), ref["fbank"], atol=1e-3)
-    generator = torch.Generator().manual_seed(0)
-    for length in (400, 16000, 48000, 33333):
-        wav = torch.randn(length, generator=generator) * 0.2
-        assert torch.allclose(fast(wav), fbank(wav), atol=1e-3)
-    wav = torch.randn(16000, generator=generator)
-    raw = KaldiFbank(num_mel_bins=40, mean_norm=False)(wav)
-    assert torch.allclose(raw, fbank(wav, num_mel_bins=40, mean_norm=False), atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------- dataset
@@ -441,18 +424,6 @@ def test_data_config_builds_the_dataset(mini_data, tmp_path):
     cfg.speeds = [1.0, 1.0]
     with pytest.raises(ConfigError, match="speeds"):
         build_train_dataset(cfg, index_path)
-
-
-@pytest.mark.parametrize("orig,new", [(9, 10), (11, 10), (3, 4)])
-@pytest.mark.parametrize("length", [1, 7, 23, 1000, 40_001])
-def test_polyphase_resampler_equals_torchaudio(orig, new, length):
-    import torchaudio
-
-    samples = np.random.default_rng(length).standard_normal(length).astype(np.float32)
-    expected = torchaudio.transforms.Resample(orig, new)(torch.from_numpy(samples)).numpy()
-    resampled = PolyphaseResampler(orig, new)(samples)
-    assert resampled.shape == expected.shape
-    assert np.abs(resampled - expected).max() < 1e-5
 
 
 def test_data_workers_use_one_blas_thread():

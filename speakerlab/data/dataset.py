@@ -30,9 +30,9 @@ from torch.utils.data import Dataset
 from speakerlab.audio import SAMPLE_RATE
 from speakerlab.data.augment import Augmenter
 from speakerlab.data.index import TrainIndex, load_train_index
-from speakerlab.data.kaldi_fbank import KaldiFbank
 from speakerlab.data.speed_perturb import SpeedPerturbation
 from speakerlab.errors import AudioError, ConfigError
+from speakerlab.features import KaldiFbank
 
 logger = logging.getLogger(__name__)
 

@@ -3,10 +3,10 @@
 Built from the audio headers only (no samples are read), in parallel processes, streaming: the
 lists are read twice (checked first, then indexed) and rows are written as the headers come in,
 so memory holds the utterance-to-speaker table and a few chunks of paths, never the corpus.
-Files that cannot be used (unreadable, empty, not 16 kHz, not mono) are reported by name, listed
-in ``<index>.bad`` and left out; if more than ``max_bad_fraction`` of the files are bad the build
-stops without touching the index or its ``.bad`` list, since that points at a broken corpus
-rather than a few damaged files.
+Files that cannot be used (unreadable, truncated, empty, not 16 kHz, not mono) are reported by
+name, listed in ``<index>.bad`` and left out; if more than ``max_bad_fraction`` of the files are
+bad the build stops without touching the index or its ``.bad`` list, since that points at a
+broken corpus rather than a few damaged files.
 
 The index is rebuilt exactly when what it was built from changed: its first line records the
 SHA-256 of ``wav.scp`` and ``utt2spk`` and the build parameters, and a build whose line would
@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from speakerlab.audio import SAMPLE_RATE, audio_info
+from speakerlab.audio import SAMPLE_RATE, audio_info, audio_truncation
 from speakerlab.data.kaldi_dir import iter_table
 from speakerlab.errors import AudioError, DataError
 from speakerlab.fileio import atomic_path, exclusive_lock, file_digest, write_text_atomic
@@ -217,11 +217,15 @@ def stale_reason(out_path: Path, header: str) -> str | None:
 
 
 def check_audio_header(path: str) -> tuple[int, str | None]:
-    """``(num_samples, None)`` for a usable training file, ``(0, reason)`` otherwise."""
+    """``(num_samples, None)`` for a usable training file, ``(0, reason)`` otherwise (a file cut
+    short of what its header promises is unusable: libsndfile would read it short silently)."""
     try:
         info = audio_info(path)
+        truncated = audio_truncation(path)
     except AudioError as err:
         return 0, str(err).removeprefix(f"{path}: ")
+    if truncated is not None:
+        return 0, truncated.removeprefix(f"{path}: ")
     if info.frames <= 0:
         return 0, "audio is empty"
     if info.samplerate != SAMPLE_RATE:

@@ -30,7 +30,7 @@ def iter_table(path: str | Path, num_fields: int = 2) -> Iterator[tuple[int, str
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError as err:
                 raise DataError(
-                    f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                    f"{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
                     f"{err.start + 1}); save the list as UTF-8"
                 ) from None
             if not line:
