@@ -10,7 +10,6 @@ from speakerlab.distributed import (
     choose_device,
     error_report,
     init_distributed,
-    local_batch_size,
     read_rank_env,
     run_on_every_rank,
     single_process,
@@ -73,12 +72,6 @@ def test_device_choice():
         choose_device("cuda:2", one, gpu_count=2)
     with pytest.raises(ConfigError, match="names one GPU, but 4 processes run"):
         choose_device("cuda:0", RankEnv(0, 4, 0, 4), gpu_count=4)
-
-
-def test_global_batch_split():
-    assert local_batch_size(256, 1) == 256 and local_batch_size(256, 8) == 32
-    with pytest.raises(ConfigError, match="batch_size=256 .* does not divide over 3 processes"):
-        local_batch_size(256, 3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -11,9 +11,10 @@ from omegaconf import OmegaConf
 from speakerlab.distributed import DistContext
 from speakerlab.errors import ConfigError
 from speakerlab.models import build_model, count_parameters
+from speakerlab.training.builders import build_optimizer, model_spec, plain_config
 from speakerlab.training.progress import TrainingMonitor
 from speakerlab.training.schedules import MarginSchedule
-from speakerlab.training.trainer import Trainer, build_optimizer, model_spec, plain_config
+from speakerlab.training.trainer import Trainer
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -135,6 +136,7 @@ def test_overrides_reach_model_optimizer_and_data(mini_data, tmp_path):
             "trainer.batch_size=4",
             "trainer.epochs=3",
             "optim.warmup_epochs=1",
+            "optim.reference_batch=4",
         )
     )
     monitor = TrainingMonitor(tmp_path, enabled=False)

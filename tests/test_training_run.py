@@ -26,7 +26,7 @@ from speakerlab.cli import main as cli_main
 from speakerlab.data.index import load_train_index
 from speakerlab.data.sampler import DistributedResumableSampler
 from speakerlab.models.checkpoint import load_embedding_model
-from speakerlab.training import trainer as trainer_module
+from speakerlab.training import builders
 from speakerlab.training.checkpointing import list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +80,7 @@ def overrides(mini_data, exp_dir: Path, *extra: str) -> list[str]:
         "trainer.num_threads=1",
         "trainer.deterministic=true",
         "trainer.progress_bar=false",
+        "optim.reference_batch=8",  # the learning rates below are meant for this batch
         *extra,
     ]
 
@@ -342,13 +343,43 @@ def test_finetune_with_another_class_count_reinitialises_the_classifier(
     assert same_parameters(final_checkpoint(eres2net_run)["model"], tuned["model"])
 
 
-def test_finetune_from_another_architecture_is_a_clear_error(
+def test_finetune_takes_the_architecture_of_its_checkpoint(mini_data, eres2net_run, tmp_path):
+    """Stage 6 after the mini recipe: the large-margin experiment states the full-size ERes2Net
+    (m_channels 32, embedding 192) but starts from a narrow one; the run trains the narrow one."""
+    exp_dir = tmp_path / "lm"
+    args = overrides(
+        mini_data,
+        exp_dir,
+        "experiment=eres2net_lm",
+        "data.crop_seconds=0.5",
+        *frozen(f"trainer.init_from={eres2net_run}"),
+    )
+    assert train_in_process(args) == 0
+    log_text = (exp_dir / "train.log").read_text()
+    assert "configured model values replaced: embedding_size 192 -> 16, m_channels 32 -> 4" in (
+        log_text
+    )
+    tuned = final_checkpoint(exp_dir)
+    assert tuned["model_kwargs"]["m_channels"] == 4 and tuned["config"]["model"]["m_channels"] == 4
+    assert same_parameters(final_checkpoint(eres2net_run)["model"], tuned["model"])
+
+
+def test_finetune_with_a_command_line_model_that_does_not_fit_is_a_clear_error(
     mini_data, learned_run, tmp_path, capsys
 ):
     args = overrides(mini_data, tmp_path / "ft", *ERES2NET, f"trainer.init_from={learned_run}")
     assert train_in_process(args) == 1
-    err = capsys.readouterr().err
-    assert "holds a ecapa_tdnn model but this run trains eres2net" in err and "Traceback" not in err
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"speakerlab train: error: {final_path(learned_run)}: the run starts ")
+    assert (
+        "a ecapa_tdnn model that the command line changes (model.embedding_size=16 on the "
+        "command line, 32 in the checkpoint; model.m_channels=4 on the command line, no "
+        "m_channels in ecapa_tdnn)" in err
+    )
+
+
+def final_path(exp_dir: Path) -> Path:
+    return list_checkpoints(exp_dir / "checkpoints")[-1]
 
 
 # ------------------------------------------------------------------------------ non-finite loss
@@ -357,7 +388,7 @@ def test_finetune_from_another_architecture_is_a_clear_error(
 @pytest.fixture
 def nan_on_second_batch(monkeypatch):
     monkeypatch.setattr(
-        trainer_module, "build_model", with_nan_on_second_batch(trainer_module.build_model, "0")
+        builders, "build_model", with_nan_on_second_batch(builders.build_model, "0")
     )
 
 
@@ -370,10 +401,13 @@ def test_nonfinite_loss_stops_naming_step_and_batch(
     )
     assert train_in_process(args) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
+    # warm-up from 5e-5 to 0.2 over one epoch of 3 steps: a third of the way at step 2
     assert err.startswith(
         "speakerlab train: error: non-finite loss at epoch 1, iteration 2/3 "
-        "(global step 2): rank 0: loss nan on items "
+        "(global step 2, learning rate 0.0667): rank 0: loss nan on items "
     )
+    assert "the last finite loss was " in err and "(global step 1)" in err
+    assert "No checkpoint was written yet: lower optim.lr and start again" in err
     # the items named are those of the second batch of epoch 0
     utts = load_train_index(exp_dir / "train_index.tsv").utts
     sampler = DistributedResumableSampler(len(utts), seed=42)
@@ -430,7 +464,13 @@ def test_two_gloo_processes_train_together(mini_data, tmp_path):
     # each rank trains 3 batches of 4 per epoch: the epoch statistics cover both ranks
     assert [e["items"] for e in history(exp_dir)] == [24, 24]
     state = final_checkpoint(exp_dir)
-    assert state["sampler"]["world_size"] == 2 and len(state["rank_states"]) == 2
+    assert state["layout"] == {
+        "world_size": 2,
+        "micro_batch": 4,
+        "accumulate_steps": 1,
+        "global_batch": 8,
+    }
+    assert len(state["rank_states"]) == 2
     assert state["global_step"] == 6
 
 
@@ -447,13 +487,15 @@ def run_two_ranks(args: list[str], output: Path, nan_rank: str | None = None) ->
     return [int(path.read_text()) if path.exists() else None for path in statuses]
 
 
+@pytest.mark.slow
 def test_batch_that_does_not_divide_is_one_message_from_two_ranks(mini_data, tmp_path):
     args = overrides(mini_data, tmp_path / "ddp", *ERES2NET, "trainer.batch_size=9")
     assert run_two_ranks(args, tmp_path) == [1, 1]
     # only local rank 0 prints the error both ranks met
     assert (tmp_path / "0.err").read_text().splitlines() == [
         "speakerlab train: error: trainer.batch_size=9 (the global batch) does not divide over 2 "
-        "processes; choose a multiple of 2 or change --nproc_per_node"
+        "processes x 1 accumulation step(s); choose a multiple of 2 or change --nproc_per_node / "
+        "trainer.accumulate_steps"
     ]
     assert (tmp_path / "1.err").read_text() == ""  # no second copy, no traceback
 
@@ -494,13 +536,15 @@ def test_missing_train_dir_is_one_clear_line(tmp_path, capsys):
 
 def test_bf16_autocast_on_cpu_and_checkpoints_by_the_minute(mini_data, tmp_path):
     exp_dir = tmp_path / "bf16"
-    # a tiny minute interval: the clock asks for a checkpoint after every iteration
+    # a tiny minute interval: the clock asks for a checkpoint at every log line (each 2 steps)
+    # and at the end of the epoch
     args = overrides(
         mini_data,
         exp_dir,
         *ERES2NET,
         "trainer.epochs=1",
-        "trainer.max_steps_per_epoch=3",
+        "trainer.max_steps_per_epoch=5",
+        "trainer.log_every_steps=2",
         "trainer.precision=bf16",
         "trainer.save_every_minutes=1e-6",
         "trainer.save_every_epochs=0",
@@ -508,9 +552,9 @@ def test_bf16_autocast_on_cpu_and_checkpoints_by_the_minute(mini_data, tmp_path)
     )
     assert train_in_process(args) == 0
     assert [p.name for p in list_checkpoints(exp_dir / "checkpoints")] == [
-        "ckpt_000000001.pt",
         "ckpt_000000002.pt",
-        "ckpt_000000003.pt",
+        "ckpt_000000004.pt",
+        "ckpt_000000005.pt",
     ]
     assert "precision bf16" in (exp_dir / "train.log").read_text()
     assert torch.isfinite(torch.tensor(history(exp_dir)[0]["loss"]))
@@ -565,6 +609,6 @@ def test_nonfinite_loss_on_one_rank_stops_or_skips_both(mini_data, tmp_path, ski
     else:
         assert codes == [1, 1]
         assert rank0.splitlines()[-1].startswith(
-            "speakerlab train: error: non-finite loss at epoch 1, iteration 2/3 (global step 2): "
-            "rank 1: loss nan on items "
+            "speakerlab train: error: non-finite loss at epoch 1, iteration 2/3 (global step 2, "
+            "learning rate 0.0667): rank 1: loss nan on items "
         )

@@ -43,10 +43,11 @@ def with_nan_on_second_batch(
 
 def main() -> int:
     from speakerlab.cli import main as cli_main
-    from speakerlab.training import trainer
+    from speakerlab.training import builders
 
     if "NAN_RANK" in os.environ:
-        trainer.build_model = with_nan_on_second_batch(trainer.build_model, os.environ["NAN_RANK"])
+        nan_rank = os.environ["NAN_RANK"]
+        builders.build_model = with_nan_on_second_batch(builders.build_model, nan_rank)
     output = Path(os.environ["RANK_OUTPUT"])
     sys.stderr = open(output / f"{os.environ['RANK']}.err", "w")
     try:

@@ -33,14 +33,28 @@ from speakerlab.errors import SpeakerlabError
 REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
+def command_line_model_keys(overrides: list[str]) -> set[str]:
+    """The ``model`` keys set by command-line overrides (``name`` for ``model=NAME``)."""
+    keys = set()
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "model":
+            keys.add("name")
+        elif key.startswith("model."):
+            keys.add(key.removeprefix("model.").split(".", 1)[0])
+    return keys
+
+
 def run(cfg: DictConfig) -> None:
     """Hydra task: train, printing a SpeakerlabError as one clean message (exit status 1)."""
     # Imported here so that `--help` and `--cfg` answer without loading torch's training stack.
+    from hydra.core.hydra_config import HydraConfig
+
     from speakerlab.distributed import error_report
     from speakerlab.training.trainer import train
 
     try:
-        train(cfg)
+        train(cfg, command_line_model_keys(list(HydraConfig.get().overrides.task)))
     except SpeakerlabError as err:
         report = error_report(err)
         if report is not None:

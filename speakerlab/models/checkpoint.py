@@ -56,7 +56,13 @@ def read_model_state(path: str | Path) -> tuple[StateDict, str | None, dict[str,
         ) from None
     except Exception as err:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
+    return model_state_from(obj, path)
 
+
+def model_state_from(
+    obj: Any, path: str | Path
+) -> tuple[StateDict, str | None, dict[str, Any] | None]:
+    """:func:`read_model_state` for a file already loaded (``obj``, read from ``path``)."""
     name = kwargs = None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         state, name, kwargs = obj["model"], obj.get("model_name"), obj.get("model_kwargs")
