@@ -43,46 +43,25 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from speakerlab.data.dataset import TrainDataset, build_train_dataset
-from speakerlab.data.index import build_train_index
 from speakerlab.distributed import (
     DistContext,
     all_gather,
     all_gather_tensor,
     init_distributed,
-    read_rank_env,
     run_on_every_rank,
     shutdown_distributed,
 )
-from speakerlab.errors import ConfigError
 from speakerlab.fileio import exclusive_lock, write_json_atomic, write_text_atomic
 from speakerlab.models import count_parameters
-from speakerlab.models.checkpoint import load_state_into
 from speakerlab.training import builders
-from speakerlab.training.batching import MicroBatchSampler, batch_layout
 from speakerlab.training.checkpointing import (
-    RunIdentity,
     capture_rng_state,
-    check_resumable,
     checkpoint_dir,
     checkpoint_path,
-    data_digest,
-    list_checkpoints,
-    load_latest_checkpoint,
     prune_checkpoints,
-    restore_rng_state,
     save_checkpoint,
-    saved_layout,
     training_state,
 )
-from speakerlab.training.finetune import (
-    InitSource,
-    apply_init_source,
-    classifier_width,
-    read_init_source,
-    resolve_model_spec,
-)
-from speakerlab.training.losses import CosineClassifier, SpeakerClassifierNet
 from speakerlab.training.nonfinite import (
     NAMED_ITEMS,
     BadStep,
@@ -93,6 +72,7 @@ from speakerlab.training.nonfinite import (
 )
 from speakerlab.training.progress import TrainingMonitor
 from speakerlab.training.schedules import training_position
+from speakerlab.training.setup import Run, build_run
 from speakerlab.training.stats import (
     FIRST_BAD_LOSS,
     FIRST_BAD_STEP,
@@ -131,38 +111,32 @@ class Window:
 
 
 class Trainer:
-    """One training run on one rank. Build it with :meth:`create`, then call :meth:`fit`."""
+    """The loop of one run on one rank. Build it with :meth:`create`, then call :meth:`fit`."""
 
-    def __init__(
-        self, cfg: DictConfig, ctx: DistContext, monitor: TrainingMonitor, explicit: set[str]
-    ) -> None:
-        self.cfg, self.ctx, self.monitor = cfg, ctx, monitor
-        self.explicit_model_keys = explicit
-        trainer = cfg.trainer
-        self.exp_dir = Path(cfg.exp_dir)
-        self.ckpt_dir = checkpoint_dir(self.exp_dir)
-        self.epochs = int(trainer.epochs)
-        if self.epochs < 1:
-            raise ConfigError(f"trainer.epochs={self.epochs} must be at least 1")
-        if int(trainer.keep_last) < 1:
-            raise ConfigError(f"trainer.keep_last={trainer.keep_last} must be at least 1")
-        self.layout = batch_layout(
-            int(trainer.batch_size), ctx.world_size, int(trainer.accumulate_steps)
-        )
-        self.amp_dtype = builders.autocast_dtype(trainer.precision, ctx.device)
-        self.skip_nonfinite = bool(trainer.skip_nonfinite)
-        self.margin_schedule = builders.margin_schedule(cfg.loss)
-        self.loss_fn = builders.build_loss(cfg.loss)
-        self.base_lr_schedule = builders.base_lr_schedule(cfg.optim, self.epochs, self.layout)
-        self.index_path = builders.index_path(cfg)
+    def __init__(self, run: Run, monitor: TrainingMonitor) -> None:
+        self.run, self.cfg, self.ctx, self.monitor = run, run.cfg, run.ctx, monitor
+        self.options = run.options
+        self.layout = run.options.layout
+        self.ckpt_dir = checkpoint_dir(run.exp_dir)
+        self.steps_per_epoch = run.steps_per_epoch
+        self.lr_schedule = run.lr_schedule
+        self.stats = RunningStats(self.ctx.device)
         self.position = Position()
         self.history: list[dict[str, float]] = []
+        self.flushed_sums = np.zeros(3)  # the epoch sums over all ranks at the last log line
         self.resumed_from: Path | None = None
-        self.written: list[Path] = []  # checkpoints this run wrote (the ones pruning counts)
         self.last_checkpoint: Path | None = None
-        self.stats = RunningStats(ctx.device)
-        self.flushed_sums = np.zeros(3)
+        self.written: list[Path] = []  # checkpoints this run wrote (the ones pruning counts)
+        if run.resumed is not None:
+            resumed = run.resumed
+            self.position = Position(*resumed.position)
+            self.history = list(resumed.history)
+            self.stats.start_epoch(resumed.rank_epoch_sums)
+            self.flushed_sums = resumed.epoch_sums
+            self.resumed_from = self.last_checkpoint = resumed.path
+        self.snapshot = BufferSnapshot(run.net) if self.options.skip_nonfinite else None
         self.ddp: DistributedDataParallel | None = None
+        self.train_net = self._wrap(run.net)
 
     @classmethod
     def create(
@@ -172,214 +146,22 @@ class Trainer:
         monitor: TrainingMonitor,
         explicit_model_keys: Iterable[str] = (),
     ) -> Trainer:
-        """Validate the config and build data, model and optimizer, resuming when a checkpoint
-        exists. Failures on any rank stop every rank with one message."""
-        explicit = set(explicit_model_keys)
-        trainer = run_on_every_rank(ctx, lambda: cls(cfg, ctx, monitor, explicit))
-        run_on_every_rank(ctx, trainer._prepare_index)
-        run_on_every_rank(ctx, trainer._build)
-        sources = set(all_gather(ctx, str(trainer.resumed_from)))
-        if len(sources) > 1:
-            raise ConfigError(f"the ranks resumed from different checkpoints: {sorted(sources)}")
+        """Set the run up (:func:`.setup.build_run`), save the merged config, wrap the model."""
+        run = build_run(cfg, ctx, set(explicit_model_keys))
         if ctx.is_main:
-            log.info("merged configuration saved to %s", save_merged_config(cfg, trainer.exp_dir))
-        trainer._wrap()
-        return trainer
+            log.info("merged configuration saved to %s", save_merged_config(cfg, run.exp_dir))
+        return cls(run, monitor)
 
-    # ----------------------------------------------------------------------------- set-up
-
-    def _prepare_index(self) -> None:
-        """Build (or reuse) the training index on rank 0 (exp_dir is shared by all nodes: every
-        rank reads the index, and the checkpoints rank 0 writes, from there)."""
-        if self.ctx.is_main:
-            data = self.cfg.data
-            build_train_index(
-                data.train_dir,
-                self.index_path,
-                segment_seconds=float(data.segment_seconds),
-                max_bad_fraction=float(data.max_bad_fraction),
-            )
-
-    def _build(self) -> None:
-        cfg, ctx = self.cfg, self.ctx
-        builders.seed_everything(int(cfg.seed))
-        self.dataset: TrainDataset = build_train_dataset(
-            cfg.data, self.index_path, seed=int(cfg.seed)
-        )
-        self._build_data()
-        if not cfg.trainer.resume and list_checkpoints(self.ckpt_dir):
-            raise ConfigError(
-                f"{self.ckpt_dir} holds checkpoints of an earlier run and "
-                "trainer.resume=false; use a new exp_dir (or remove them)"
-            )
-        resume = None
-        if cfg.trainer.resume:
-            resume = load_latest_checkpoint(self.ckpt_dir, move_bad_aside=ctx.is_main)
-        init = read_init_source(cfg.trainer.init_from) if resume is None and self._init else None
-        self.identity = self._run_identity(resume, init)
-        name, kwargs = self.identity.model_name, self.identity.model_kwargs
-        self.model = builders.build_embedding_model(name, kwargs)
-        width = self.identity.classifier_width
-        self.classifier = CosineClassifier(int(kwargs["embedding_size"]), width)
-        self.net = SpeakerClassifierNet(self.model, self.classifier).to(ctx.device)
-        if cfg.trainer.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
-        self.optimizer = builders.build_optimizer(self.net.parameters(), cfg.optim, 0.0)
-        self.scaler = (
-            torch.amp.GradScaler(ctx.device.type) if self.amp_dtype == torch.float16 else None
-        )
-        self.snapshot = BufferSnapshot(self.net) if self.skip_nonfinite else None
-        lr_factor = self._restore(*resume) if resume is not None else self._start(init)
-        self.lr_factor = lr_factor
-        self.lr_schedule = self.base_lr_schedule.scaled(lr_factor)
-
-    @property
-    def _init(self) -> bool:
-        return bool(self.cfg.trainer.init_from)
-
-    def _build_data(self) -> None:
-        cfg, ctx = self.cfg, self.ctx
-        self.sampler = MicroBatchSampler(
-            len(self.dataset), self.layout, ctx.rank, seed=int(cfg.seed)
-        )
-        self.steps_per_epoch = self.sampler.steps
-        if cfg.trainer.max_steps_per_epoch:
-            self.steps_per_epoch = min(self.steps_per_epoch, int(cfg.trainer.max_steps_per_epoch))
-        if self.steps_per_epoch < 1:
-            raise ConfigError(
-                f"{self.index_path}: {len(self.dataset)} training items give no full global "
-                f"batch of {self.layout.describe()}; lower trainer.batch_size"
-            )
-        self.loader, self.loader_generator = builders.build_loader(
-            self.dataset,
-            self.sampler,
-            self.layout.micro_batch,
-            cfg.data,
-            ctx.device,
-            read_rank_env().local_world_size,
-        )
-
-    def _run_identity(
-        self, resume: tuple[Path, dict[str, Any]] | None, init: InitSource | None
-    ) -> RunIdentity:
-        """What this configuration trains: the architecture (from the checkpoint the run starts
-        or resumed from when it began with init_from), classifier width, data and batch."""
-        cfg = self.cfg
-        source, source_path = None, None
-        if resume is not None and self._init:
-            source_path, state = resume
-            source = (state["model_name"], state["model_kwargs"])
-        elif init is not None:
-            source, source_path = init.architecture(), init.path
-        name, kwargs = resolve_model_spec(
-            builders.model_spec(cfg.model), source, source_path, self.explicit_model_keys
-        )
-        if int(kwargs.get("feat_dim", cfg.data.num_mel_bins)) != int(cfg.data.num_mel_bins):
-            raise ConfigError(
-                f"the {name} model reads {kwargs['feat_dim']}-bin fbank (feat_dim) but "
-                f"data.num_mel_bins={cfg.data.num_mel_bins}"
-            )
-        cfg.model = OmegaConf.create({"name": name, **kwargs})  # saved with the run
-        setting, data_classes = cfg.loss.num_classes, self.dataset.num_classes
-        if resume is not None and setting == "init":  # the run's width came from init_from
-            width = int(resume[1]["classifier"]["weight"].shape[0])
-        else:
-            width = classifier_width(setting, data_classes, init)
-        index = self.dataset.index
-        return RunIdentity(
-            model_name=name,
-            model_kwargs=kwargs,
-            classifier_width=width,
-            data_items=len(self.dataset),
-            data_digest=data_digest(index.utts, index.speaker_ids, index.num_samples),
-            seed=int(cfg.seed),
-            layout=self.layout,
-        )
-
-    def _start(self, init: InitSource | None) -> float:
-        """A new run: initial weights from ``init`` if given; returns the LR factor."""
-        if init is not None:
-            apply_init_source(init, self.identity.model_name, self.model, self.classifier)
-        factor = self.cfg.optim.lr_factor
-        return self._checked_lr_factor(1.0 if factor is None else float(factor), 1.0)
-
-    def _restore(self, path: Path, state: dict[str, Any]) -> float:
-        """Continue the run saved in ``state`` exactly where it stopped; returns the LR factor."""
-        check_resumable(path, state, self.identity)
-        load_state_into(self.model, state["model"], path)
-        load_state_into(self.classifier, state["classifier"], path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.position = Position(int(state["epoch"]), int(state["step"]), int(state["global_step"]))
-        self.history = list(state.get("history", []))
-        self.resumed_from = self.last_checkpoint = path
-        self._restore_rank_state(path, state)
-        self._check_schedule(state)
-        saved = state.get("lr_factor", 1.0)
-        factor = self.cfg.optim.lr_factor
-        return self._checked_lr_factor(saved if factor is None else float(factor), saved)
-
-    def _restore_rank_state(self, path: Path, state: dict[str, Any]) -> None:
-        """Epoch statistics and random states: per rank when the process count is the same;
-        otherwise the statistics move to rank 0 (they are summed over ranks anyway)."""
-        layout, rank_states = saved_layout(state), state["rank_states"]
-        epoch_rows = np.array([s["epoch_stats"] for s in rank_states], dtype=np.float64)
-        if layout != self.layout:
-            log.warning(
-                "%s was saved with a global batch of %s; continuing with %s: the same items per "
-                "step, in the same order (batch-norm statistics over micro-batches of %d)",
-                path,
-                layout.describe(),
-                self.layout.describe(),
-                self.layout.micro_batch,
-            )
-        if layout.world_size == self.ctx.world_size:
-            restore_rng_state(rank_states[self.ctx.rank]["rng"], self.ctx.device)
-            mine = epoch_rows[self.ctx.rank]
-        else:
-            mine = epoch_rows.sum(axis=0) if self.ctx.is_main else np.zeros(epoch_rows.shape[1])
-        mine[3] = epoch_rows[0, 3]  # skipped steps: every rank counts the same
-        self.stats.start_epoch(mine.tolist())
-        self.flushed_sums = epoch_rows[:, :3].sum(axis=0)
-
-    def _check_schedule(self, state: dict[str, Any]) -> None:
-        saved = state.get("lr_schedule")
-        now = {"lr": self.base_lr_schedule.lr, "min_lr": self.base_lr_schedule.min_lr}
-        if saved and not all(math.isclose(saved[k], now[k], rel_tol=1e-9) for k in now):
-            log.warning(
-                "the learning-rate schedule changed since the run started (peak %.4g -> %.4g, "
-                "final %.4g -> %.4g); to lower the learning rate of a run use optim.lr_factor",
-                saved["lr"],
-                now["lr"],
-                saved["min_lr"],
-                now["min_lr"],
-            )
-
-    def _checked_lr_factor(self, factor: float, previous: float) -> float:
-        if not factor > 0:
-            raise ConfigError(f"optim.lr_factor={factor} must be positive")
-        if factor != 1.0 or previous != 1.0:
-            log.info(
-                "learning-rate factor %g (optim.lr_factor; it was %g): peak %.4g, final %.4g",
-                factor,
-                previous,
-                self.base_lr_schedule.lr * factor,
-                self.base_lr_schedule.min_lr * factor,
-            )
-        return factor
-
-    def _wrap(self) -> None:
+    def _wrap(self, net: torch.nn.Module) -> torch.nn.Module:
         """torch.compile (``trainer.compile``), then DDP over model and classifier together
         (after loading, as DDP broadcasts rank 0's weights)."""
-        net: torch.nn.Module = self.net
         if self.cfg.trainer.compile:
             net = torch.compile(net)
         if self.ctx.distributed:
             device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(net, device_ids=device_ids)
             net = self.ddp
-        self.train_net = net
+        return net
 
     def release_distributed(self) -> None:
         """Drop the DDP wrapper, so that the process group is freed by ``destroy_process_group``.
@@ -388,7 +170,7 @@ class Trainer:
         trainer is (e.g. with an error's traceback), holding the GIL while it joins gloo threads
         that may still need the GIL to free the tensors of the last collective: a deadlock.
         """
-        self.train_net, self.ddp = self.net, None
+        self.train_net, self.ddp = self.run.net, None
         gc.collect()  # DDP sits in reference cycles: without a collection it would linger
 
     # ----------------------------------------------------------------------------- training
@@ -400,10 +182,10 @@ class Trainer:
         self._log_start()
         self.last_save_time = time.monotonic()
         final = None
-        while self.position.epoch < self.epochs:
+        while self.position.epoch < self.options.epochs:
             final = self._train_epoch()
         if final is None:
-            log.info("training was already complete (%d epochs)", self.epochs)
+            log.info("training was already complete (%d epochs)", self.options.epochs)
             final = self.resumed_from
         log.info(
             "finished; final checkpoint %s (export the embedding model with: speakerlab "
@@ -418,14 +200,14 @@ class Trainer:
         log.info(
             "experiment %s: %s %s (%d parameters), %d classes, %d items, %d iterations per "
             "epoch, %d epochs",
-            self.exp_dir,
-            self.identity.model_name,
-            self.identity.model_kwargs,
-            count_parameters(self.model),
-            self.classifier.num_classes,
-            len(self.dataset),
+            self.run.exp_dir,
+            self.run.identity.model_name,
+            self.run.identity.model_kwargs,
+            count_parameters(self.run.model),
+            self.run.classifier.num_classes,
+            len(self.run.dataset),
             self.steps_per_epoch,
-            self.epochs,
+            self.options.epochs,
         )
         log.info(
             "%d process(es) on %s (%s), %d items per process, global batch %s, precision %s",
@@ -448,18 +230,18 @@ class Trainer:
         """Train from the current position to the end of its epoch; returns the checkpoint
         written at the end of the epoch, if one was."""
         epoch, start = self.position.epoch, self.position.step
-        self.dataset.set_epoch(epoch)
-        self.sampler.set_epoch(epoch, start)
-        self.loader_generator.manual_seed(int(self.cfg.seed) * 1_000_003 + epoch)
+        self.run.dataset.set_epoch(epoch)
+        self.run.sampler.set_epoch(epoch, start)
+        self.run.loader_generator.manual_seed(int(self.cfg.seed) * 1_000_003 + epoch)
         if start == 0:
             self.stats.start_epoch()
             self.flushed_sums = np.zeros(3)
         self.train_net.train()
         bar = self.monitor.progress_bar(
-            f"epoch {epoch + 1}/{self.epochs}", self.steps_per_epoch, start
+            f"epoch {epoch + 1}/{self.options.epochs}", self.steps_per_epoch, start
         )
         window = Window(self.flushed_sums)
-        batches = iter(self.loader)
+        batches = iter(self.run.loader)
         try:
             for step in range(start, self.steps_per_epoch):
                 fetch_start = time.perf_counter()
@@ -484,10 +266,10 @@ class Trainer:
         lr, margin = self._set_schedule(epoch, step)
         if self.snapshot is not None:
             self.snapshot.take()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.run.optimizer.zero_grad(set_to_none=True)
         loss_sum, correct, bad = self._forward_backward(micro_batches)
         number, count = self.position.global_step + 1, self.layout.items_per_rank_step
-        if self.skip_nonfinite and self._skip_if_bad(epoch, step, loss_sum / count, bad):
+        if self.options.skip_nonfinite and self._skip_if_bad(epoch, step, loss_sum / count, bad):
             self.stats.add_step(number, loss_sum, correct, count, torch.ones_like(bad))
             return lr, margin
         self._optimizer_step()
@@ -496,10 +278,10 @@ class Trainer:
 
     def _set_schedule(self, epoch: int, step: int) -> tuple[float, float]:
         t = training_position(epoch, step, self.steps_per_epoch)
-        lr, margin = self.lr_schedule(t), self.margin_schedule(t)
-        for group in self.optimizer.param_groups:
+        lr, margin = self.lr_schedule(t), self.options.margin_schedule(t)
+        for group in self.run.optimizer.param_groups:
             group["lr"] = lr
-        self.loss_fn.margin = margin
+        self.options.loss_fn.margin = margin
         return lr, margin
 
     def _forward_backward(
@@ -518,28 +300,28 @@ class Trainer:
             with self.ddp.no_sync() if defer_sync else contextlib.nullcontext():
                 with self._autocast():
                     cosines = self.train_net(features)
-                loss = self.loss_fn(cosines, labels)
+                loss = self.options.loss_fn(cosines, labels)
                 share = loss / parts if parts > 1 else loss
-                (self.scaler.scale(share) if self.scaler is not None else share).backward()
+                (self.run.scaler.scale(share) if self.run.scaler is not None else share).backward()
             loss_sum += loss.detach().double() * len(labels)
             correct += (cosines.detach().argmax(dim=1) == labels).sum()
         bad = ~torch.isfinite(loss_sum)
-        if self.scaler is None:  # with fp16 the scaler skips steps of overflowing gradients
-            grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        if self.run.scaler is None:  # with fp16 the scaler skips steps of overflowing gradients
+            grads = [p.grad for p in self.run.net.parameters() if p.grad is not None]
             bad |= ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
         return loss_sum, correct, bad
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
+        if self.options.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.ctx.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.ctx.device.type, dtype=self.options.amp_dtype)
 
     def _optimizer_step(self) -> None:
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        if self.run.scaler is not None:
+            self.run.scaler.step(self.run.optimizer)
+            self.run.scaler.update()
         else:
-            self.optimizer.step()
+            self.run.optimizer.step()
 
     def _skip_if_bad(
         self, epoch: int, step: int, mean_loss: torch.Tensor, bad: torch.Tensor
@@ -552,7 +334,7 @@ class Trainer:
         if not losses:
             return False
         self.snapshot.restore()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.run.optimizer.zero_grad(set_to_none=True)
         if self.ctx.is_main:
             bad_step = self._bad_step(epoch, step, self.position.global_step + 1, losses, None)
             log.warning(skip_message(bad_step, self._describe_items))
@@ -579,7 +361,7 @@ class Trainer:
         non-finite step, and report the window."""
         time_due = self.ctx.is_main and self._time_save_due()
         gathered = gather_stats(self.ctx, self.stats, [float(time_due)])
-        if not self.skip_nonfinite:
+        if not self.options.skip_nonfinite:
             self._stop_if_bad(gathered)
         self._log_window(window, gathered, bar)
         self.flushed_sums = gathered.sums
@@ -620,8 +402,8 @@ class Trainer:
 
     def _describe_items(self, rank: int, iteration: int) -> str:
         """Utterance ids of a rank's items in an iteration of this epoch (the first few)."""
-        items = self.sampler.step_items(rank, iteration)
-        names = [self.dataset.index.utts[i] for i in items[:NAMED_ITEMS]]
+        items = self.run.sampler.step_items(rank, iteration)
+        names = [self.run.dataset.index.utts[i] for i in items[:NAMED_ITEMS]]
         more = f" and {len(items) - NAMED_ITEMS} more" if len(items) > NAMED_ITEMS else ""
         return ", ".join(names) + more
 
@@ -668,7 +450,7 @@ class Trainer:
             "loss": loss_sum / count if count else math.nan,
             "accuracy": correct / count if count else math.nan,
             "lr": self.lr_schedule(epoch + 1.0),
-            "margin": self.margin_schedule(epoch + 1.0),
+            "margin": self.options.margin_schedule(epoch + 1.0),
             "items": int(count),
             "skipped_batches": gathered.skipped,
         }
@@ -677,7 +459,7 @@ class Trainer:
         log.info(
             "epoch %d/%d done: loss %.4f accuracy %.2f%% (%d batches skipped)",
             epoch + 1,
-            self.epochs,
+            self.options.epochs,
             summary["loss"],
             100 * summary["accuracy"],
             summary["skipped_batches"],
@@ -687,7 +469,7 @@ class Trainer:
         )
         every = int(self.cfg.trainer.save_every_epochs)
         if (
-            epoch + 1 == self.epochs
+            epoch + 1 == self.options.epochs
             or self._step_save_due()
             or gathered.flags[0]
             or (every > 0 and (epoch + 1) % every == 0)
@@ -710,8 +492,8 @@ class Trainer:
             save_checkpoint(self._checkpoint_state(states), path)
             self.written.append(path)
             known = self.written + ([self.resumed_from] if self.resumed_from else [])
-            prune_checkpoints(self.ckpt_dir, int(self.cfg.trainer.keep_last), known)
-            write_json_atomic(self.exp_dir / "history.json", self.history)
+            prune_checkpoints(self.ckpt_dir, self.options.keep_last, known)
+            write_json_atomic(self.run.exp_dir / "history.json", self.history)
             log.info("saved checkpoint %s", path)
 
         run_on_every_rank(self.ctx, write)
@@ -720,17 +502,17 @@ class Trainer:
         return path
 
     def _checkpoint_state(self, rank_states: list[dict[str, Any]]) -> dict[str, Any]:
-        pos = self.position
+        pos, base = self.position, self.options.base_lr_schedule
         return training_state(
-            self.identity,
-            model=self.model,
-            classifier=self.classifier,
-            optimizer=self.optimizer,
-            scaler=self.scaler,
+            self.run.identity,
+            model=self.run.model,
+            classifier=self.run.classifier,
+            optimizer=self.run.optimizer,
+            scaler=self.run.scaler,
             position=(pos.epoch, pos.step, pos.global_step),
             rank_states=rank_states,
-            lr_factor=self.lr_factor,
-            lr_schedule={"lr": self.base_lr_schedule.lr, "min_lr": self.base_lr_schedule.min_lr},
+            lr_factor=self.run.lr_factor,
+            lr_schedule={"lr": base.lr, "min_lr": base.min_lr},
             history=self.history,
             config=OmegaConf.to_container(self.cfg, resolve=True),
         )
