@@ -8,8 +8,7 @@ test needs one (SIGKILL, torchrun).
 
 from __future__ import annotations
 
-import json
-import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,9 +17,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from processes import run_bounded
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torchrun_train import with_nan_on_second_batch
+from torchrun_train import with_nan_on_call
+from training_runs import (
+    ERES2NET,
+    LEARNING,
+    LEARNING_EPOCHS,
+    REPO,
+    TORCHRUN_VARIABLES,
+    clean_environment,
+    final_checkpoint,
+    history,
+    index_rows,
+    overrides,
+    run_two_ranks,
+    torchrun,
+    train_in_process,
+)
 
 from speakerlab.cli import main as cli_main
 from speakerlab.data.index import load_train_index
@@ -28,90 +41,6 @@ from speakerlab.data.sampler import DistributedResumableSampler
 from speakerlab.models.checkpoint import load_embedding_model
 from speakerlab.training import builders
 from speakerlab.training.checkpointing import list_checkpoints
-
-REPO = Path(__file__).resolve().parents[1]
-TORCHRUN_VARIABLES = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "GROUP_RANK",
-    "ROLE_RANK",
-    "TORCHELASTIC_RUN_ID",
-)
-
-# A tiny ECAPA-TDNN learns the 12 mini-corpus speakers within a few epochs.
-LEARNING = [
-    "model=ecapa_tdnn",
-    "model.embedding_size=32",
-    "model.channels=[64,64,64,64,192]",
-    "model.attention_channels=16",
-    "model.se_channels=16",
-    "data.crop_seconds=1.5",
-    "data.speeds=[1.0]",
-    "data.augment_prob=0",
-    "trainer.epochs=6",
-    "optim.lr=0.1",
-]
-LEARNING_EPOCHS = 6
-# A tiny ERes2Net with the full data pipeline (speed perturbation: 36 classes, augmentation).
-ERES2NET = [
-    "experiment=eres2net",
-    "model.m_channels=4",
-    "model.embedding_size=16",
-    "data.crop_seconds=0.5",
-    "trainer.epochs=2",
-]
-
-
-def overrides(mini_data, exp_dir: Path, *extra: str) -> list[str]:
-    """Data, a deterministic single-thread CPU run, batch 8, quiet console; then ``extra``."""
-    return [
-        f"data.train_dir={mini_data.train_dir}",
-        f"data.noise_list={mini_data.noise_list}",
-        f"data.rir_list={mini_data.rir_list}",
-        f"exp_dir={exp_dir}",
-        "data.num_workers=0",
-        "trainer.batch_size=8",
-        "optim.warmup_epochs=1",
-        "trainer.device=cpu",
-        "trainer.num_threads=1",
-        "trainer.deterministic=true",
-        "trainer.progress_bar=false",
-        "optim.reference_batch=8",  # the learning rates below are meant for this batch
-        *extra,
-    ]
-
-
-def train_in_process(args: list[str]) -> int:
-    """Run ``speakerlab train ARGS`` in this process; returns the exit status."""
-    saved_argv = sys.argv
-    try:
-        cli_main(["train", *args])
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    finally:
-        sys.argv = saved_argv
-    return 0
-
-
-def final_checkpoint(exp_dir: Path) -> dict:
-    return torch.load(list_checkpoints(exp_dir / "checkpoints")[-1], weights_only=True)
-
-
-def history(exp_dir: Path) -> list[dict]:
-    return json.loads((exp_dir / "history.json").read_text())
-
-
-def index_rows(exp_dir: Path) -> int:
-    return len(load_train_index(exp_dir / "train_index.tsv"))
-
-
-def clean_environment() -> dict[str, str]:
-    """This environment without torchrun variables (a test may run under a launcher)."""
-    return {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
 
 
 @pytest.fixture(scope="module")
@@ -387,9 +316,7 @@ def final_path(exp_dir: Path) -> Path:
 
 @pytest.fixture
 def nan_on_second_batch(monkeypatch):
-    monkeypatch.setattr(
-        builders, "build_model", with_nan_on_second_batch(builders.build_model, "0")
-    )
+    monkeypatch.setattr(builders, "build_model", with_nan_on_call(builders.build_model, "0"))
 
 
 def test_nonfinite_loss_stops_naming_step_and_batch(
@@ -435,24 +362,6 @@ def test_nonfinite_loss_can_skip_the_batch(mini_data, tmp_path, nan_on_second_ba
 # ------------------------------------------------------------------------------ distributed
 
 
-def torchrun(
-    args: list[str],
-    target: tuple[str, ...] = ("-m", "speakerlab", "train"),
-    env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess:
-    """``TARGET ARGS`` as two torchrun processes, run from the repository."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        *target,
-        *args,
-    ]
-    return run_bounded(command, timeout=300, cwd=REPO, env=env or clean_environment())
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_train_together(mini_data, tmp_path):
     exp_dir = tmp_path / "ddp"
@@ -472,19 +381,6 @@ def test_two_gloo_processes_train_together(mini_data, tmp_path):
     }
     assert len(state["rank_states"]) == 2
     assert state["global_step"] == 6
-
-
-def run_two_ranks(args: list[str], output: Path, nan_rank: str | None = None) -> list[int | None]:
-    """Run ``speakerlab train ARGS`` as two torchrun ranks (fresh interpreters, as in real use),
-    with NaN on the second batch of rank ``nan_rank`` if given. Each rank's stderr goes to
-    ``output/<rank>.err``. Returns each rank's exit status, None for a rank that did not end by
-    itself (torchrun stopped it when the other failed)."""
-    env = {**clean_environment(), "RANK_OUTPUT": str(output), "OMP_NUM_THREADS": "1"}
-    if nan_rank is not None:
-        env["NAN_RANK"] = nan_rank
-    torchrun(args, target=(str(REPO / "tests" / "torchrun_train.py"),), env=env)
-    statuses = [output / f"{rank}.status" for rank in range(2)]
-    return [int(path.read_text()) if path.exists() else None for path in statuses]
 
 
 @pytest.mark.slow
@@ -568,20 +464,20 @@ def test_fp16_without_gpu_is_a_clear_error(mini_data, tmp_path, capsys):
     )
 
 
-def test_finished_run_started_again_does_nothing(mini_data, learned_run, capsys):
-    before = list_checkpoints(learned_run / "checkpoints")
-    assert train_in_process(overrides(mini_data, learned_run, *LEARNING)) == 0
-    assert list_checkpoints(learned_run / "checkpoints") == before
+def test_finished_run_started_again_does_nothing(mini_data, learned_run, tmp_path, capsys):
+    exp_dir = tmp_path / "again"  # a copy: the shared run stays as its fixture made it
+    shutil.copytree(learned_run, exp_dir)
+    before = list_checkpoints(exp_dir / "checkpoints")
+    assert train_in_process(overrides(mini_data, exp_dir, *LEARNING)) == 0
+    assert list_checkpoints(exp_dir / "checkpoints") == before
     assert (
         f"training was already complete ({LEARNING_EPOCHS} epochs)"
-        in (learned_run / "train.log").read_text()
+        in (exp_dir / "train.log").read_text()
     )
     # not resuming must not mix a new run into the old one's checkpoints
-    assert (
-        train_in_process(overrides(mini_data, learned_run, *LEARNING, "trainer.resume=false")) == 1
-    )
+    assert train_in_process(overrides(mini_data, exp_dir, *LEARNING, "trainer.resume=false")) == 1
     assert "holds checkpoints of an earlier run and trainer.resume=false" in capsys.readouterr().err
-    assert list_checkpoints(learned_run / "checkpoints") == before
+    assert list_checkpoints(exp_dir / "checkpoints") == before
 
 
 @pytest.mark.slow
