@@ -18,15 +18,17 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torchrun_train import with_nan_on_call
 from training_runs import (
     ERES2NET,
     REPO,
     clean_environment,
     final_checkpoint,
+    first_items,
     history,
     index_rows,
+    make_trainer,
+    one_thread,
     overrides,
     train_in_process,
 )
@@ -37,13 +39,11 @@ from speakerlab.data.sampler import DistributedResumableSampler
 from speakerlab.distributed import (
     WaitTimeoutError,
     init_distributed,
-    single_process,
 )
 from speakerlab.errors import CheckpointError, SpeakerlabError
 from speakerlab.fileio import exclusive_lock
 from speakerlab.training import builders
 from speakerlab.training import trainer as trainer_module
-from speakerlab.training.builders import plain_config
 from speakerlab.training.checkpointing import (
     checkpoint_path,
     list_checkpoints,
@@ -51,11 +51,9 @@ from speakerlab.training.checkpointing import (
     prune_checkpoints,
     save_checkpoint,
 )
-from speakerlab.training.progress import TrainingMonitor
 from speakerlab.training.stats import BAD_STEPS
 from speakerlab.training.trainer import Trainer
 
-CONF_DIR = REPO / "conf"
 SHORT = ["trainer.epochs=1", "trainer.max_steps_per_epoch=4"]
 
 
@@ -65,32 +63,6 @@ def shared_index(mini_data, tmp_path_factory):
     path = tmp_path_factory.mktemp("index") / "train_index.tsv"
     build_train_index(mini_data.train_dir, path, segment_seconds=4.0)
     return path
-
-
-@pytest.fixture
-def one_thread():
-    """One CPU thread for in-process trainers (as the runs' trainer.num_threads=1), restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_trainer(mini_data, shared_index, exp_dir, *extra: str) -> Trainer:
-    """A tiny ERes2Net trainer built in this process, as ``speakerlab train`` would."""
-    args = [*overrides(mini_data, exp_dir, *ERES2NET, *extra), f"data.index={shared_index}"]
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = plain_config(compose("config", overrides=args))
-    monitor = TrainingMonitor(exp_dir, enabled=False)
-    try:
-        return Trainer.create(cfg, single_process("cpu"), monitor)
-    finally:
-        monitor.close()
-
-
-def first_batch(trainer: Trainer, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [trainer.run.dataset[i] for i in range(size)]
-    return torch.stack([f for f, _ in items]), torch.tensor([label for _, label in items])
 
 
 def full_state(trainer: Trainer) -> dict:
@@ -116,24 +88,25 @@ def same_values(a, b) -> bool:
 
 @pytest.mark.slow
 def test_skipped_batch_leaves_no_trace_in_parameters_buffers_or_optimizer(
-    mini_data, shared_index, tmp_path, one_thread
+    mini_data, shared_index, tmp_path
 ):
     """Failing case: with trainer.skip_nonfinite=true a batch of NaN features was skipped after
     the train-mode forward pass had written NaN into the batch-norm running statistics, so every
     later checkpoint was unusable. Now every parameter, buffer and optimizer value is exactly as
     before the skipped step."""
     trainer = make_trainer(mini_data, shared_index, tmp_path, "trainer.skip_nonfinite=true")
-    features, labels = first_batch(trainer)
+    features, labels = first_items(trainer)
     trainer.run.net.train()
-    trainer._train_step(0, 0, [(features, labels)])  # a real step: momentum buffers exist
-    before = full_state(trainer)
-    poisoned = features.clone()
-    poisoned[3] = float("nan")
-    trainer._train_step(0, 1, [(poisoned, labels)])
-    assert same_values(before, full_state(trainer))
-    assert trainer.stats.values[BAD_STEPS] == 1
-    # the failing behaviour itself: the forward pass alone poisons the running statistics
-    trainer.run.net(poisoned)
+    with one_thread():
+        trainer._train_step(0, 0, [(features, labels)])  # a real step: momentum buffers exist
+        before = full_state(trainer)
+        poisoned = features.clone()
+        poisoned[3] = float("nan")
+        trainer._train_step(0, 1, [(poisoned, labels)])
+        assert same_values(before, full_state(trainer))
+        assert trainer.stats.values[BAD_STEPS] == 1
+        # the failing behaviour itself: the forward pass alone poisons the running statistics
+        trainer.run.net(poisoned)
     assert not all(torch.isfinite(b).all() for b in trainer.run.net.buffers())
 
 

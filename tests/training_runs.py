@@ -3,18 +3,25 @@ torchrun, and what a run leaves behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from processes import run_bounded
 
 from speakerlab.cli import main as cli_main
 from speakerlab.data.index import load_train_index
+from speakerlab.distributed import single_process
+from speakerlab.training.builders import plain_config
 from speakerlab.training.checkpointing import list_checkpoints
+from speakerlab.training.progress import TrainingMonitor
+from speakerlab.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN_VARIABLES = (
@@ -133,3 +140,35 @@ def run_two_ranks(args: list[str], output: Path, nan_rank: str | None = None) ->
     torchrun(args, target=(str(REPO / "tests" / "torchrun_train.py"),), env=env)
     statuses = [output / f"{rank}.status" for rank in range(2)]
     return [int(path.read_text()) if path.exists() else None for path in statuses]
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One CPU thread for in-process trainers (as the runs' trainer.num_threads=1), restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def make_trainer(
+    mini_data, index: Path, exp_dir: Path, *extra: str, base: list[str] = ERES2NET
+) -> Trainer:
+    """A trainer of ``base`` (a tiny ERes2Net) built in this process, as ``speakerlab train``
+    would, reading the training index ``index``."""
+    args = [*overrides(mini_data, exp_dir, *base, *extra), f"data.index={index}"]
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = plain_config(compose("config", overrides=args))
+    monitor = TrainingMonitor(exp_dir, enabled=False)
+    try:
+        return Trainer.create(cfg, single_process("cpu"), monitor)
+    finally:
+        monitor.close()
+
+
+def first_items(trainer: Trainer, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``size`` items of a trainer's dataset as one batch."""
+    items = [trainer.run.dataset[i] for i in range(size)]
+    return torch.stack([f for f, _ in items]), torch.tensor([label for _, label in items])
