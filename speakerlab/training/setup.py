@@ -175,7 +175,7 @@ def _build(cfg: DictConfig, ctx: DistContext, options: Options, explicit: set[st
     )
     net = SpeakerClassifierNet(model, classifier).to(ctx.device)
     if cfg.trainer.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=_channels_last(ctx.device))
     scaler = torch.amp.GradScaler(ctx.device.type) if options.amp_dtype == torch.float16 else None
     run = Run(
         cfg=cfg,
@@ -198,6 +198,15 @@ def _build(cfg: DictConfig, ctx: DistContext, options: Options, explicit: set[st
     else:
         start(run, init)
     return run
+
+
+def _channels_last(device: torch.device) -> torch.memory_format:
+    """``trainer.channels_last``: a layout for GPU convolutions. On the CPU the backward pass of
+    a strided 1x1 convolution in this layout crashes the process (PyTorch 2.11), so it is
+    refused there."""
+    if device.type != "cuda":
+        raise ConfigError("trainer.channels_last=true is for GPUs; leave it off on the CPU")
+    return torch.channels_last
 
 
 def _steps_per_epoch(

@@ -51,6 +51,7 @@ from speakerlab.distributed import (
     run_on_every_rank,
     shutdown_distributed,
 )
+from speakerlab.errors import ConfigError
 from speakerlab.fileio import exclusive_lock, write_json_atomic, write_text_atomic
 from speakerlab.models import count_parameters
 from speakerlab.training import builders
@@ -155,8 +156,9 @@ class Trainer:
     def _wrap(self, net: torch.nn.Module) -> torch.nn.Module:
         """torch.compile (``trainer.compile``), then DDP over model and classifier together
         (after loading, as DDP broadcasts rank 0's weights)."""
-        if self.cfg.trainer.compile:
-            net = torch.compile(net)
+        backend = compile_backend(self.cfg.trainer.compile)
+        if backend is not None:
+            net = torch.compile(net, backend=backend)
         if self.ctx.distributed:
             device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(net, device_ids=device_ids)
@@ -516,6 +518,20 @@ class Trainer:
             history=self.history,
             config=OmegaConf.to_container(self.cfg, resolve=True),
         )
+
+
+def compile_backend(setting: Any) -> str | None:
+    """``trainer.compile``: false, true (inductor) or a torch.compile backend by name."""
+    if setting is None or setting is False:
+        return None
+    if setting is True:
+        return "inductor"
+    if isinstance(setting, str) and setting in torch._dynamo.list_backends(exclude_tags=()):
+        return setting
+    raise ConfigError(
+        f"trainer.compile={setting!r}: false, true or one of "
+        f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))}"
+    )
 
 
 def save_merged_config(cfg: DictConfig, exp_dir: Path) -> Path:
