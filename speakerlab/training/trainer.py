@@ -425,6 +425,10 @@ class Trainer:
             "samples_per_second": count / seconds,
             "data_wait_fraction": window.data_seconds / seconds,
         }
+        memory = ""
+        if self.ctx.device.type == "cuda":
+            values["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+            memory = f" peak memory {values['peak_memory_gib']:.1f} GiB"
         self.monitor.scalars(self.position.global_step, values)
         bar.set_postfix(
             {"loss": f"{loss:.3f}", "acc": f"{100 * accuracy:.1f}%", "lr": f"{window.lr:.2e}"},
@@ -432,7 +436,7 @@ class Trainer:
         )
         log.info(
             "epoch %d iteration %d/%d: loss %.4f accuracy %.2f%% lr %.3g margin %.3f "
-            "%.1f samples/s data wait %.1f%%",
+            "%.1f samples/s data wait %.1f%%%s",
             self.position.epoch + 1,
             self.position.step,
             self.steps_per_epoch,
@@ -442,6 +446,7 @@ class Trainer:
             window.margin,
             values["samples_per_second"],
             100 * values["data_wait_fraction"],
+            memory,
         )
 
     def _finish_epoch(self, epoch: int, gathered: GatheredStats) -> Path | None:
