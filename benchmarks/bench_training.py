@@ -226,6 +226,59 @@ def run_synthetic(args: argparse.Namespace) -> dict:
     }
 
 
+def run_overheads(args: argparse.Namespace) -> dict:
+    """Per-step cost of the non-finite guards, against one training step in the same run: the
+    batch-norm buffer copy and restore of ``trainer.skip_nonfinite``, the device-side running
+    statistics and the gradient-norm finiteness check (both always on)."""
+    import torch
+
+    from speakerlab.training.nonfinite import BufferSnapshot
+    from speakerlab.training.stats import RunningStats
+
+    with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
+        trainer = synthetic_trainer(args, Path(tmp))
+        device, net = trainer.ctx.device, trainer.run.net
+        frames, bins = trainer.run.dataset[0][0].shape
+        batch = trainer.layout.micro_batch
+        features = torch.randn(batch, frames, bins, device=device)
+        labels = torch.randint(0, trainer.run.classifier.num_classes, (batch,), device=device)
+        net.train()
+
+        def timed(work, repeats: int) -> float:
+            work()
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                work()
+            synchronize(device)
+            return (time.perf_counter() - start) / repeats
+
+        step = timed(lambda: trainer._train_step(0, 0, [(features, labels)]), args.steps)
+        snapshot = BufferSnapshot(net)
+        stats = RunningStats(device)
+        loss = torch.ones((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        bad = torch.zeros((), dtype=torch.bool, device=device)
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        costs = {
+            "buffer_copy_and_restore": timed(lambda: (snapshot.take(), snapshot.restore()), 200),
+            "running_statistics": timed(lambda: stats.add_step(1, loss, correct, batch, bad), 200),
+            "gradient_finiteness": timed(
+                lambda: torch.isfinite(torch.nn.utils.get_total_norm(grads)), 200
+            ),
+        }
+    buffers = sum(b.numel() * b.element_size() for b in net.buffers())
+    return {
+        "mode": "overheads",
+        "device": str(device),
+        "global_batch": batch,
+        "step_seconds": step,
+        "buffer_bytes": buffers,
+        **{f"{name}_seconds": seconds for name, seconds in costs.items()},
+        **{f"{name}_share_of_step": seconds / step for name, seconds in costs.items()},
+    }
+
+
 def synthetic_line(result: dict, label: str) -> str:
     """One summary line of a synthetic run (tools/gpu_check.sh)."""
     syncs = result["host_syncs_in_timed_steps"]
@@ -264,6 +317,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     synthetic = parser.add_argument_group("synthetic mode")
     synthetic.add_argument("--synthetic", action="store_true", help="the step alone, no loader")
+    synthetic.add_argument(
+        "--overheads", action="store_true", help="per-step cost of the non-finite guards"
+    )
     synthetic.add_argument("--experiment", default="eres2net")
     synthetic.add_argument("--device", default="cpu")
     synthetic.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -271,6 +327,9 @@ def main() -> None:
     synthetic.add_argument("--label", default=None, help="print a one-line summary with this")
     synthetic.add_argument("--override", nargs="*", default=[], help="more Hydra overrides")
     args = parser.parse_args()
+    if args.overheads:
+        print(json.dumps(run_overheads(args), indent=1))
+        return
     if args.synthetic:
         result = run_synthetic(args)
         print(json.dumps(result, indent=1))
