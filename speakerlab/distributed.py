@@ -447,25 +447,6 @@ def all_gather_tensor(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
     return gathered.view(ctx.world_size, *local.shape)
 
 
-def _all_reduce(ctx: DistContext, values: list[float], op: dist.ReduceOp) -> list[float]:
-    if not ctx.distributed:
-        return list(values)
-    device = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=op)
-    return tensor.tolist()
-
-
-def all_reduce_max(ctx: DistContext, values: list[float]) -> list[float]:
-    """Element-wise maximum of ``values`` over the ranks (flags: any rank raised it)."""
-    return _all_reduce(ctx, values, dist.ReduceOp.MAX)
-
-
-def all_reduce_sum(ctx: DistContext, values: list[float]) -> list[float]:
-    """Element-wise sum of ``values`` over the ranks."""
-    return _all_reduce(ctx, values, dist.ReduceOp.SUM)
-
-
 def run_on_every_rank(ctx: DistContext, step: Callable[[], T]) -> T:
     """Run ``step`` on every rank; if it fails with a :class:`SpeakerlabError` on any rank, every
     rank raises one :class:`EveryRankError` naming the failing ranks and their messages.

@@ -7,6 +7,8 @@ from speakerlab.distributed import (
     DistContext,
     EveryRankError,
     RankEnv,
+    all_gather_tensor,
+    barrier,
     choose_device,
     error_report,
     init_distributed,
@@ -87,6 +89,13 @@ def test_single_process_context():
     ctx = init_distributed("cpu", environ={})
     assert ctx.is_main and not ctx.distributed and ctx.backend is None
     assert single_process("cpu") == ctx
+
+
+def test_collectives_in_one_process():
+    ctx = single_process("cpu")
+    values = torch.tensor([1.0, 2.0])
+    assert torch.equal(all_gather_tensor(ctx, values), values[None])
+    barrier(ctx)  # nothing to wait for
 
 
 def test_run_on_every_rank_single_process_keeps_the_error():
