@@ -120,6 +120,7 @@ def test_missing_train_dir_is_a_clear_error():
         plain_config(compose_config("experiment=eres2net"))
 
 
+@pytest.mark.slow
 def test_overrides_reach_model_optimizer_and_data(mini_data, tmp_path):
     cfg = plain_config(
         compose_config(

@@ -106,6 +106,7 @@ def test_short_run_learns_and_reports(learned_run):
     assert len(state["rank_states"]) == 1 and state["config"]["optim"]["lr"] == 0.1
 
 
+@pytest.mark.slow
 def test_export_writes_the_released_layout(learned_run, tmp_path, monkeypatch):
     out = tmp_path / "model.ckpt"
     monkeypatch.setattr(
@@ -188,6 +189,7 @@ def frozen(*extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_finetune_from_an_experiment_keeps_model_and_classifier(mini_data, learned_run, tmp_path):
     exp_dir = tmp_path / "ft"
     args = overrides(mini_data, exp_dir, *LEARNING, *frozen(f"trainer.init_from={learned_run}"))
@@ -202,6 +204,7 @@ def test_finetune_from_an_experiment_keeps_model_and_classifier(mini_data, learn
     assert tuned["epoch"] == 1  # a new run: its own epochs, optimizer and schedule
 
 
+@pytest.mark.slow
 def test_large_margin_finetune_keeps_the_3n_classes(mini_data, eres2net_run, tmp_path):
     exp_dir = tmp_path / "lm"
     args = overrides(
@@ -225,6 +228,7 @@ def test_large_margin_finetune_keeps_the_3n_classes(mini_data, eres2net_run, tmp
     assert "margin 0.500" in (exp_dir / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_finetune_from_a_released_checkpoint_initialises_the_classifier(
     mini_data, learned_run, tmp_path, monkeypatch
 ):
@@ -251,6 +255,7 @@ def test_finetune_from_a_released_checkpoint_initialises_the_classifier(
     )
 
 
+@pytest.mark.slow
 def test_finetune_with_another_class_count_reinitialises_the_classifier(
     mini_data, eres2net_run, tmp_path
 ):
@@ -272,6 +277,7 @@ def test_finetune_with_another_class_count_reinitialises_the_classifier(
     assert same_parameters(final_checkpoint(eres2net_run)["model"], tuned["model"])
 
 
+@pytest.mark.slow
 def test_finetune_takes_the_architecture_of_its_checkpoint(mini_data, eres2net_run, tmp_path):
     """Stage 6 after the mini recipe: the large-margin experiment states the full-size ERes2Net
     (m_channels 32, embedding 192) but starts from a narrow one; the run trains the narrow one."""
@@ -293,6 +299,7 @@ def test_finetune_takes_the_architecture_of_its_checkpoint(mini_data, eres2net_r
     assert same_parameters(final_checkpoint(eres2net_run)["model"], tuned["model"])
 
 
+@pytest.mark.slow
 def test_finetune_with_a_command_line_model_that_does_not_fit_is_a_clear_error(
     mini_data, learned_run, tmp_path, capsys
 ):
@@ -319,6 +326,7 @@ def nan_on_second_batch(monkeypatch):
     monkeypatch.setattr(builders, "build_model", with_nan_on_call(builders.build_model, "0"))
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_naming_step_and_batch(
     mini_data, tmp_path, nan_on_second_batch, capsys
 ):
@@ -342,6 +350,7 @@ def test_nonfinite_loss_stops_naming_step_and_batch(
     assert "trainer.skip_nonfinite=true" in err
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_can_skip_the_batch(mini_data, tmp_path, nan_on_second_batch):
     exp_dir = tmp_path / "nan"
     args = overrides(
@@ -430,6 +439,7 @@ def test_missing_train_dir_is_one_clear_line(tmp_path, capsys):
 # ------------------------------------------------------------------------------ options
 
 
+@pytest.mark.slow
 def test_bf16_autocast_on_cpu_and_checkpoints_by_the_minute(mini_data, tmp_path):
     exp_dir = tmp_path / "bf16"
     # a tiny minute interval: the clock asks for a checkpoint at every log line (each 2 steps)
@@ -464,6 +474,7 @@ def test_fp16_without_gpu_is_a_clear_error(mini_data, tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_finished_run_started_again_does_nothing(mini_data, learned_run, tmp_path, capsys):
     exp_dir = tmp_path / "again"  # a copy: the shared run stays as its fixture made it
     shutil.copytree(learned_run, exp_dir)
