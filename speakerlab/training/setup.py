@@ -18,7 +18,13 @@ from torch.utils.data import DataLoader
 
 from speakerlab.data.dataset import TrainDataset, build_train_dataset
 from speakerlab.data.index import build_train_index
-from speakerlab.distributed import DistContext, all_gather, read_rank_env, run_on_every_rank
+from speakerlab.distributed import (
+    DistContext,
+    EveryRankError,
+    all_gather,
+    read_rank_env,
+    run_on_every_rank,
+)
 from speakerlab.errors import ConfigError
 from speakerlab.models.checkpoint import load_state_into
 from speakerlab.training import builders
@@ -134,7 +140,7 @@ def build_run(cfg: DictConfig, ctx: DistContext, explicit_model_keys: set[str]) 
     run = run_on_every_rank(ctx, lambda: _build(cfg, ctx, options, explicit_model_keys))
     sources = set(all_gather(ctx, str(run.resumed.path) if run.resumed else None))
     if len(sources) > 1:
-        raise ConfigError(f"the ranks resumed from different checkpoints: {sorted(sources)}")
+        raise EveryRankError(f"the ranks resumed from different checkpoints: {sorted(sources)}")
     return run
 
 
