@@ -1,0 +1,72 @@
+"""The experiment configs: what each experiment sets on top of its config groups.
+
+``tests/fixtures/expected/experiment_deltas.yaml`` was written from the tree before the experiments
+were rewritten with defaults-list inheritance (see tests/fixtures/README.md): for every experiment,
+its group choices and every value of its merged config that differs from the bare groups it
+chooses. The group files were not changed by that rewrite, so equal deltas mean equal merged
+configs. Comparing deltas (not whole configs) lets a group file gain or change a value that no
+experiment sets without touching this expectation.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+EXPECTED = ROOT / "tests" / "fixtures" / "expected" / "experiment_deltas.yaml"
+GROUPS = ("data", "model", "loss", "optim", "trainer")
+
+
+def experiment_names() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every leaf (lists are leaves)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(leaves(value, f"{prefix}{key}."))
+    return {k.rstrip("."): v for k, v in out.items()}
+
+
+def experiment_delta(experiment: str) -> dict[str, Any]:
+    """Group choices of ``experiment`` and the values it sets beyond those groups' defaults."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        merged = compose("config", [f"experiment={experiment}"], return_hydra_config=True)
+        choices = {g: merged.hydra.runtime.choices[g] for g in GROUPS}
+        base = compose("config", [f"{g}={c}" for g, c in choices.items()])
+    got = leaves(OmegaConf.to_container(merged, resolve=False))
+    got = {k: v for k, v in got.items() if not k.startswith("hydra.")}
+    plain = leaves(OmegaConf.to_container(base, resolve=False))
+    sets = {k: v for k, v in got.items() if k not in plain or plain[k] != v}
+    unset = sorted(k for k in plain if k not in got)
+    return {"choices": choices, "sets": sets, "unset": unset}
+
+
+def test_every_experiment_has_an_expectation():
+    assert experiment_names() == sorted(yaml.safe_load(EXPECTED.read_text()))
+
+
+@pytest.mark.parametrize("experiment", experiment_names())
+def test_experiment_sets_what_it_set_before_inheritance(experiment):
+    expected = yaml.safe_load(EXPECTED.read_text()).get(experiment)
+    if expected is None:
+        pytest.skip(f"{experiment} is newer than the expectation (its values: test_training_config)")
+    assert experiment_delta(experiment) == expected
+
+
+if __name__ == "__main__":  # writes the expectation: only ever from a tree whose configs are right
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python tests/test_configs.py --write")
+    deltas = {name: experiment_delta(name) for name in experiment_names()}
+    EXPECTED.write_text(yaml.safe_dump(deltas, sort_keys=True, width=100))
