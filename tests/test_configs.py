@@ -40,9 +40,10 @@ def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {k.rstrip("."): v for k, v in out.items()}
 
 
-def experiment_delta(experiment: str) -> dict[str, Any]:
+def merged_and_plain(experiment: str) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
     """The plain groups of ``experiment`` (named by its model.name, loss.margin_type and
-    optim.name; data and trainer at their defaults) and the values it sets beyond them."""
+    optim.name; data and trainer at their defaults), and the leaves of its merged config and of
+    those plain groups."""
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         merged = compose("config", [f"experiment={experiment}"])
         groups = {
@@ -50,9 +51,17 @@ def experiment_delta(experiment: str) -> dict[str, Any]:
             "loss": merged.loss.margin_type,
             "optim": merged.optim.name,
         }
-        base = compose("config", [f"{group}={name}" for group, name in groups.items()])
-    got = leaves(OmegaConf.to_container(merged, resolve=False))
-    plain = leaves(OmegaConf.to_container(base, resolve=False))
+        plain = compose("config", [f"{group}={name}" for group, name in groups.items()])
+    return (
+        groups,
+        leaves(OmegaConf.to_container(merged, resolve=False)),
+        leaves(OmegaConf.to_container(plain, resolve=False)),
+    )
+
+
+def experiment_delta(experiment: str) -> dict[str, Any]:
+    """The plain groups of ``experiment`` and the values it sets beyond them."""
+    groups, got, plain = merged_and_plain(experiment)
     sets = {k: v for k, v in got.items() if k not in plain or plain[k] != v}
     unset = sorted(k for k in plain if k not in got)
     return {"groups": groups, "sets": sets, "unset": unset}
@@ -65,6 +74,13 @@ EXPECTED_DELTAS = yaml.safe_load(EXPECTED.read_text())
 def test_experiment_sets_what_it_set_before_inheritance(experiment):
     assert experiment in experiment_names()
     assert experiment_delta(experiment) == EXPECTED_DELTAS[experiment]
+
+
+@pytest.mark.parametrize("experiment", experiment_names())
+def test_experiment_sets_only_keys_its_groups_declare(experiment):
+    """A misspelt key (``trainer.epoch: 9``) would merge silently and change nothing."""
+    _, got, plain = merged_and_plain(experiment)
+    assert [k for k in got if k not in plain] == []
 
 
 if __name__ == "__main__":  # writes the expectation: only ever from a tree whose configs are right
