@@ -14,7 +14,7 @@ from speakerlab.models.ecapa_tdnn import ECAPATDNN
 
 REFERENCE_DIR = Path(__file__).parent / "fixtures" / "reference"
 
-# Constructor arguments of the small reference fixtures (fixtures/reference/README.md).
+# Constructor arguments of the small reference fixtures (tests/fixtures/README.md).
 SMALL_CONFIGS = {
     "campplus": (
         CAMPPlus,
