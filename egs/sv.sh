@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Speaker verification: the stages shared by every recipe, whatever the corpus.
+#
+# A recipe's run.sh cds into its own folder (data/ and exp/ are written there), names its
+# experiments and sources its corpus file, then this script:
+#
+#   recipe_experiment=eres2net            # trained by default
+#   recipe_mini_experiment=eres2net_mini  # trained by default when the corpus says mini=true
+#   . ../corpus.sh                        # corpus options, corpus_help, corpus_setup, corpus_prepare
+#   . ../../sv.sh "$@"
+#
+# The corpus file declares its options as shell variables with their defaults (parsed here with
+# the common ones), and two functions: corpus_setup (after option parsing: check the corpus
+# options; set train_dir, test_dir, the trial_lists array, noise_list and rir_list (empty: none)
+# and mini=true|false) and corpus_prepare (stage 1: make those lists).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# ---- options (each settable as --name value; see --help) ----
+stage=1
+stop_stage=5
+experiment=""           # Hydra experiment in conf/experiment/ (default: the recipe's, or its mini one)
+lm_experiment=""        # stage 6 experiment (default: <experiment>_lm, or <base>_lm_mini for *_mini)
+init_from=""            # stage 3 starts from this model: a registry id, checkpoint or experiment folder
+exp=""                  # experiment folder (default exp/<experiment>, or exp/pretrained)
+pretrained=""           # skip training: evaluate this registry id or checkpoint path
+gpus=""                 # e.g. "0 1 2 3"; empty trains on CPU
+nproc=1                 # CPU training processes when --gpus is empty (gloo)
+nnodes=1
+node_rank=0
+master_addr=127.0.0.1
+master_port=29500
+extract_batch_size=16
+
+help_message="usage: $0 [options] [-- hydra overrides for training]
+
+Stages: 1 data (${corpus_name:-corpus} preparation), 2 training index, 3 training,
+4 export + embedding extraction, 5 scoring (results table + DET plot),
+6 large-margin fine-tuning of the stage-3 model, extraction and scoring.
+
+Options:
+  --stage N / --stop_stage N   run stages N..M (default 1..5)
+  --experiment NAME            conf/experiment/NAME.yaml (default ${recipe_experiment:-none}${recipe_mini_experiment:+; $recipe_mini_experiment with --corpus mini})
+  --lm_experiment NAME         stage 6 experiment (default <experiment>_lm, or <name>_lm_mini for <name>_mini)
+  --init_from ID|PATH          fine-tune from a released model id, a checkpoint or an experiment
+                               folder: embedding model loaded, classifier new for these speakers
+  --exp DIR                    experiment folder (default exp/<experiment>)
+  --pretrained ID|PATH         evaluate a released model id or a checkpoint instead of training
+  --gpus \"0 1 ...\"             GPUs to train on (NCCL); empty: CPU (gloo)
+  --nproc N                    CPU processes when --gpus is empty
+  --nnodes N --node_rank R --master_addr HOST --master_port PORT   multi-node training
+  --extract_batch_size N       utterances per extraction batch
+${corpus_help:-}
+Everything after -- is passed to training as Hydra overrides, e.g. -- trainer.epochs=10 optim.lr=0.1"
+
+. "$root/tools/parse_options.sh"
+train_overrides=("$@")
+
+# Use the project's virtual environment when it exists and none is active.
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$root/.venv/bin/python" ]; then
+  export PATH="$root/.venv/bin:$PATH"
+fi
+
+die() { echo "$0: error: $*" >&2; exit 1; }
+log() { echo "[$(date '+%H:%M:%S')] $*" >&2; }
+run_stage() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
+have_experiment() { [ -f "$root/conf/experiment/$1.yaml" ]; }
+experiments() { (cd "$root/conf/experiment" && ls | sed 's/\.yaml$//' | tr '\n' ' '); }
+
+train_dir="" test_dir="" noise_list="" rir_list="" mini=false trial_lists=()
+corpus_setup
+
+if [ -z "$experiment" ]; then
+  experiment="$recipe_experiment"
+  if [ "$mini" = true ] && [ -n "${recipe_mini_experiment:-}" ]; then
+    experiment="$recipe_mini_experiment"
+  fi
+fi
+have_experiment "$experiment" || die "unknown experiment '$experiment' (have: $(experiments))"
+# The large-margin experiment that goes with an experiment: eres2net_lm, or eres2net_lm_mini.
+lm_default="${experiment%_mini}_lm"; [ "$experiment" != "${experiment%_mini}" ] && lm_default+=_mini
+if [ -z "$lm_experiment" ]; then
+  have_experiment "$lm_default" && lm_experiment="$lm_default"
+elif ! have_experiment "$lm_experiment"; then
+  die "unknown --lm_experiment '$lm_experiment' (have: $(experiments))"
+fi
+if [ -n "$pretrained" ]; then exp="${exp:-exp/pretrained}"; else exp="${exp:-exp/$experiment}"; fi
+num_gpus=$(echo $gpus | wc -w)
+
+# launch CMD...: run a speakerlab command on every process of this node (torchrun) or directly.
+launch() {
+  if [ "$num_gpus" -gt 0 ]; then
+    CUDA_VISIBLE_DEVICES="${gpus// /,}" torchrun --nnodes "$nnodes" --node_rank "$node_rank" \
+      --master_addr "$master_addr" --master_port "$master_port" --nproc_per_node "$num_gpus" \
+      -m speakerlab "$@"
+  elif [ "$nproc" -gt 1 ] || [ "$nnodes" -gt 1 ]; then
+    torchrun --nnodes "$nnodes" --node_rank "$node_rank" --master_addr "$master_addr" \
+      --master_port "$master_port" --nproc_per_node "$nproc" -m speakerlab "$@"
+  else
+    speakerlab "$@"
+  fi
+}
+
+# train EXPERIMENT EXP_DIR [overrides...]
+train() {
+  local experiment_name=$1 exp_dir=$2; shift 2
+  local device=cpu; [ "$num_gpus" -gt 0 ] && device=cuda
+  launch train "experiment=$experiment_name" "exp_dir=$exp_dir" "trainer.device=$device" \
+    "data.train_dir=$train_dir" "data.index=$exp_dir/train_index.tsv" \
+    "data.noise_list=${noise_list:-null}" "data.rir_list=${rir_list:-null}" "$@"
+}
+
+# extract_embeddings MODEL EXP_DIR: whole-utterance embeddings of the test set (resumable).
+extract_embeddings() {
+  log "extracting test embeddings with $1 into $2/embeddings/test"
+  launch extract --model "$1" --wav-scp "$test_dir/wav.scp" \
+    --out-dir "$2/embeddings/test" --batch-size "$extract_batch_size"
+}
+
+# score_trials EXP_DIR: score files, results table (printed) and DET plot of the trial lists.
+score_trials() {
+  [ -f "$1/embeddings/test/embedding.scp" ] || die "no embeddings in $1/embeddings/test: run stage 4 first"
+  log "scoring ${#trial_lists[@]} trial lists into $1/scores"
+  speakerlab score --embeddings "$1/embeddings/test/embedding.scp" --trials "${trial_lists[@]}" \
+    --out-dir "$1/scores"
+}
+
+if run_stage 1; then
+  corpus_prepare
+fi
+
+if run_stage 2 && [ -z "$pretrained" ]; then
+  log "stage 2: training index"
+  speakerlab make-index --data_dir "$train_dir" --out "$exp/train_index.tsv"
+fi
+
+if run_stage 3 && [ -z "$pretrained" ]; then
+  log "stage 3: training $experiment in $exp${init_from:+ from $init_from}"
+  train "$experiment" "$exp" ${init_from:+"trainer.init_from=$init_from"} \
+    "${train_overrides[@]+"${train_overrides[@]}"}"
+fi
+
+if run_stage 4; then
+  model="$pretrained"
+  if [ -z "$pretrained" ]; then
+    model="$exp/model.ckpt"
+    log "stage 4: exporting the trained embedding model to $model"
+    speakerlab export --checkpoint "$exp" --out "$model"
+  fi
+  extract_embeddings "$model" "$exp"
+fi
+
+if run_stage 5; then
+  log "stage 5: scoring"
+  score_trials "$exp"
+fi
+
+if run_stage 6; then
+  [ -z "$pretrained" ] || die "stage 6 fine-tunes a model trained in stage 3; not with --pretrained"
+  [ -n "$lm_experiment" ] || \
+    die "stage 6: no large-margin experiment $lm_default for $experiment; give --lm_experiment"
+  lm_exp="${exp}_lm"
+  log "stage 6: large-margin fine-tuning ($lm_experiment) from $exp into $lm_exp"
+  speakerlab make-index --data_dir "$train_dir" --out "$lm_exp/train_index.tsv"
+  train "$lm_experiment" "$lm_exp" "trainer.init_from=$exp" \
+    "${train_overrides[@]+"${train_overrides[@]}"}"
+  speakerlab export --checkpoint "$lm_exp" --out "$lm_exp/model.ckpt"
+  extract_embeddings "$lm_exp/model.ckpt" "$lm_exp"
+  score_trials "$lm_exp"
+fi
