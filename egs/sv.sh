@@ -10,9 +10,10 @@
 #   . ../../sv.sh "$@"
 #
 # The corpus file declares its options as shell variables with their defaults (parsed here with
-# the common ones), and two functions: corpus_setup (after option parsing: check the corpus
-# options; set train_dir, test_dir, the trial_lists array, noise_list and rir_list (empty: none)
-# and mini=true|false) and corpus_prepare (stage 1: make those lists).
+# the common ones), a help text corpus_help, and two functions: corpus_setup (after option
+# parsing: check the corpus options and set train_dir, test_dir, the trial_lists array,
+# noise_list and rir_list (empty: none) and mini=true|false) and corpus_prepare (stage 1: make
+# those lists).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,7 +43,8 @@ Stages: 1 data (${corpus_name:-corpus} preparation), 2 training index, 3 trainin
 Options:
   --stage N / --stop_stage N   run stages N..M (default 1..5)
   --experiment NAME            conf/experiment/NAME.yaml (default ${recipe_experiment:-none}${recipe_mini_experiment:+; $recipe_mini_experiment with --corpus mini})
-  --lm_experiment NAME         stage 6 experiment (default <experiment>_lm, or <name>_lm_mini for <name>_mini)
+  --lm_experiment NAME         stage 6 experiment (default <experiment>_lm; <name>_lm_mini for
+                               <name>_mini)
   --init_from ID|PATH          fine-tune from a released model id, a checkpoint or an experiment
                                folder: embedding model loaded, classifier new for these speakers
   --exp DIR                    experiment folder (default exp/<experiment>)
@@ -52,7 +54,8 @@ Options:
   --nnodes N --node_rank R --master_addr HOST --master_port PORT   multi-node training
   --extract_batch_size N       utterances per extraction batch
 ${corpus_help:-}
-Everything after -- is passed to training as Hydra overrides, e.g. -- trainer.epochs=10 optim.lr=0.1"
+Relative paths start in the recipe folder, where data/ and exp/ are written. Everything after --
+is passed to training as Hydra overrides, e.g. -- trainer.epochs=10 optim.lr=0.1"
 
 . "$root/tools/parse_options.sh"
 train_overrides=("$@")
@@ -68,7 +71,6 @@ run_stage() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
 have_experiment() { [ -f "$root/conf/experiment/$1.yaml" ]; }
 experiments() { (cd "$root/conf/experiment" && ls | sed 's/\.yaml$//' | tr '\n' ' '); }
 
-train_dir="" test_dir="" noise_list="" rir_list="" mini=false trial_lists=()
 corpus_setup
 
 if [ -z "$experiment" ]; then
@@ -87,6 +89,11 @@ elif ! have_experiment "$lm_experiment"; then
 fi
 if [ -n "$pretrained" ]; then exp="${exp:-exp/pretrained}"; else exp="${exp:-exp/$experiment}"; fi
 num_gpus=$(echo $gpus | wc -w)
+if [ -n "$pretrained" ]; then
+  log "stages $stage-$stop_stage: evaluating $pretrained in $exp"
+else
+  log "stages $stage-$stop_stage: experiment $experiment in $exp (stage 6: ${lm_experiment:-none})"
+fi
 
 # launch CMD...: run a speakerlab command on every process of this node (torchrun) or directly.
 launch() {

@@ -209,20 +209,23 @@ def convert_to_16k_mono(source: str, target: Path) -> None:
 def resolve_bad_audio(
     corpus: Corpus, report: AudioReport, convert_dir: Path | None, skip_unreadable: bool
 ) -> None:
-    """Apply the options to the files of ``report`` (in place), or stop listing every one."""
+    """Apply the options to the files of ``report`` (in place), or stop listing every file that
+    neither option covers."""
+    problems, remedies = [], []
     if report.unreadable and not skip_unreadable:
         for reason in report.unreadable.values():
-            print(f"unreadable: {reason}", file=sys.stderr)
-        raise DataError(
-            f"{len(report.unreadable)} of {len(corpus.wav)} audio files cannot be used (listed "
-            "above); fix or remove them, or leave them out with --skip_unreadable"
-        )
+            print(f"unusable: {reason}", file=sys.stderr)
+        problems.append(f"{len(report.unreadable)} cannot be used")
+        remedies.append("leave unusable ones out with --skip_unreadable")
     if report.to_convert and convert_dir is None:
         for reason in report.to_convert.values():
             print(f"not 16 kHz mono: {reason}", file=sys.stderr)
+        problems.append(f"{len(report.to_convert)} are not 16 kHz mono")
+        remedies.append("convert those once with --convert_dir DIR")
+    if problems:
         raise DataError(
-            f"{len(report.to_convert)} of {len(corpus.wav)} audio files are not 16 kHz mono "
-            "(listed above); convert them once with --convert_dir DIR (or convert them yourself)"
+            f"of {len(corpus.wav)} audio files, {' and '.join(problems)} (listed above); fix "
+            f"them, or {', or '.join(remedies)}"
         )
     for utt, reason in report.unreadable.items():
         log.warning("leaving out %s", reason)

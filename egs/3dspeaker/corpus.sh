@@ -17,6 +17,7 @@ corpus_help="Corpus options (3D-Speaker):
   --data DIR                   prepared lists (default data)"
 
 corpus_setup() {
+  mini=false
   case "$corpus" in
     3dspeaker) raw_data="${raw_data:-data/raw}" ;;
     mini) raw_data="${raw_data:-data/mini_raw}"; mini=true ;;
