@@ -46,7 +46,7 @@ Options:
   --lm_experiment NAME         stage 6 experiment (default <experiment>_lm; <name>_lm_mini for
                                <name>_mini)
   --init_from ID|PATH          fine-tune from a released model id, a checkpoint or an experiment
-                               folder: embedding model loaded, classifier new for these speakers
+                               folder: its embedding model, a classifier sized for these speakers
   --exp DIR                    experiment folder (default exp/<experiment>)
   --pretrained ID|PATH         evaluate a released model id or a checkpoint instead of training
   --gpus \"0 1 ...\"             GPUs to train on (NCCL); empty: CPU (gloo)

@@ -296,6 +296,63 @@ def sample_pairs(count: int, num_items: int, draw, valid, rng: np.random.Generat
     return found[:count]
 
 
+class PairSpace:
+    """The pairs of ``n`` utterances with speaker indices ``spk`` and session indices ``sess``
+    (sessions are unique across speakers): targets are same-speaker pairs of two sessions,
+    nontargets pairs of two speakers. Pairs are index pairs (a, b) with a < b."""
+
+    def __init__(self, spk: np.ndarray, sess: np.ndarray) -> None:
+        self.spk, self.sess, self.n = spk, sess, len(spk)
+        self.by_speaker = np.argsort(spk, kind="stable")
+        self.sizes = np.bincount(spk)
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+        self.same_speaker = possible_pairs(spk)
+        self.num_targets = self.same_speaker - possible_pairs(sess)
+        self.num_nontargets = self.n * (self.n - 1) // 2 - self.same_speaker
+
+    def is_target(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return (self.spk[a] == self.spk[b]) & (self.sess[a] != self.sess[b])
+
+    def is_nontarget(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self.spk[a] != self.spk[b]
+
+    def all_same_speaker(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every same-speaker pair (one array operation per speaker)."""
+        firsts, seconds = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+        for start, size in zip(self.starts.tolist(), self.sizes.tolist()):
+            i, j = np.triu_indices(size, k=1)
+            members = np.sort(self.by_speaker[start : start + size])
+            firsts.append(members[i])
+            seconds.append(members[j])
+        return np.concatenate(firsts), np.concatenate(seconds)
+
+    def all_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.triu_indices(self.n, k=1)
+
+    def draw_same_speaker(self, size: int, rng: np.random.Generator):
+        """Random same-speaker pairs, uniform over them (a == b possible: rejected later)."""
+        weights = self.sizes * (self.sizes - 1) / 2.0
+        speakers = rng.choice(len(self.sizes), size=size, p=weights / weights.sum())
+        a, b = self.starts[speakers] + (rng.random((2, size)) * self.sizes[speakers]).astype(int)
+        return self.by_speaker[a], self.by_speaker[b]
+
+    def draw_any(self, size: int, rng: np.random.Generator):
+        return rng.integers(0, self.n, size), rng.integers(0, self.n, size)
+
+    def pick(self, kind: str, count: int, rng: np.random.Generator) -> np.ndarray:
+        """``count`` distinct pairs of ``kind`` (target or nontarget) as codes ``a * n + b``:
+        from the list of all candidates when there are few, else by rejection sampling."""
+        target = kind == "target"
+        valid = self.is_target if target else self.is_nontarget
+        candidates = self.same_speaker if target else self.n * (self.n - 1) // 2
+        if candidates <= ENUMERATE_LIMIT:
+            a, b = self.all_same_speaker() if target else self.all_pairs()
+            codes = (a * self.n + b)[valid(a, b)]
+            return rng.choice(codes, size=count, replace=False)
+        draw = self.draw_same_speaker if target else self.draw_any
+        return sample_pairs(count, self.n, lambda size: draw(size, rng), valid, rng)
+
+
 def make_trials(
     corpus: Corpus, num_trials: int, seed: int
 ) -> tuple[list[tuple[str, str, str]], int]:
@@ -306,64 +363,18 @@ def make_trials(
     both halves shrink to that number (returned second, for the log). Trials are sorted.
     """
     utts = sorted(corpus.wav)
-    n = len(utts)
     spk = np.unique([corpus.spk[u] for u in utts], return_inverse=True)[1]
     # Sessions count within a speaker; a recording without one is a session of its own.
-    keys = [(corpus.spk[u], corpus.session.get(u, f"utterance {u}")) for u in utts]
-    sess = np.unique([f"{speaker}/{session}" for speaker, session in keys], return_inverse=True)[1]
-    num_targets = possible_pairs(spk) - possible_pairs(sess)
-    num_nontargets = n * (n - 1) // 2 - possible_pairs(spk)
-    half = min(num_trials // 2, num_targets, num_nontargets)
+    sessions = [f"{corpus.spk[u]}/{corpus.session.get(u, '/' + u)}" for u in utts]
+    space = PairSpace(spk, np.unique(sessions, return_inverse=True)[1])
+    half = min(num_trials // 2, space.num_targets, space.num_nontargets)
     rng = np.random.default_rng(seed)
-    by_speaker = np.argsort(spk, kind="stable")
-    starts = np.searchsorted(spk[by_speaker], np.arange(spk.max() + 1))
-    sizes = np.bincount(spk)
-
-    def draw_target(size: int) -> tuple[np.ndarray, np.ndarray]:
-        weights = sizes * (sizes - 1) / 2.0
-        speakers = rng.choice(len(sizes), size=size, p=weights / weights.sum())
-        offsets = rng.random((2, size)) * sizes[speakers]
-        a, b = starts[speakers] + offsets.astype(np.int64)
-        return by_speaker[a], by_speaker[b]
-
-    def draw_any(size: int) -> tuple[np.ndarray, np.ndarray]:
-        return rng.integers(0, n, size), rng.integers(0, n, size)
-
-    def target_ok(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return (spk[a] == spk[b]) & (sess[a] != sess[b])
-
-    def nontarget_ok(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return spk[a] != spk[b]
-
-    chosen = []
-    for label, candidates, draw, ok in (
-        ("target", possible_pairs(spk), draw_target, target_ok),
-        ("nontarget", n * (n - 1) // 2, draw_any, nontarget_ok),
-    ):
-        if candidates <= ENUMERATE_LIMIT:  # few: list every valid pair and pick from them
-            if label == "target":
-                a, b = all_pairs_within(by_speaker, starts, sizes)
-            else:
-                a, b = np.triu_indices(n, k=1)
-            codes = (a * n + b)[ok(a, b)]
-            picked = rng.choice(codes, size=half, replace=False)
-        else:
-            picked = sample_pairs(half, n, draw, ok, rng)
-        chosen += [(utts[c // n], utts[c % n], label) for c in picked.tolist()]
-    return sorted(chosen), half
-
-
-def all_pairs_within(
-    by_speaker: np.ndarray, starts: np.ndarray, sizes: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every unordered pair (a < b) of items of the same speaker (one array op per speaker)."""
-    firsts, seconds = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
-    for start, size in zip(starts.tolist(), sizes.tolist()):
-        i, j = np.triu_indices(size, k=1)
-        members = np.sort(by_speaker[start : start + size])
-        firsts.append(members[i])
-        seconds.append(members[j])
-    return np.concatenate(firsts), np.concatenate(seconds)
+    trials = [
+        (utts[code // space.n], utts[code % space.n], kind)
+        for kind in ("target", "nontarget")
+        for code in space.pick(kind, half, rng).tolist()
+    ]
+    return sorted(trials), half
 
 
 # --------------------------------------------------------------------------------- writing
