@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 from processes import run_bounded
 
@@ -34,6 +35,7 @@ def speakers(data: Path) -> set[str]:
     return {line.split()[1] for line in lines}
 
 
+@pytest.mark.slow
 def test_stage_1_prepares_the_source_as_it_is_now(tmp_path):
     """Stale outputs: a re-run of stage 1 after the source changed must not keep the lists of
     the earlier source (a `.done` marker alone would)."""
@@ -56,6 +58,7 @@ def test_stage_1_prepares_the_source_as_it_is_now(tmp_path):
     assert speakers(data) == {"x", "y", "z"}
 
 
+@pytest.mark.slow
 def test_a_failed_preparation_leaves_no_done_marker(tmp_path):
     """A source with an unreadable file stops stage 1 naming the file; later stages must not
     find a half-prepared corpus marked done."""

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 import torch
 
@@ -159,6 +160,7 @@ def fbank_statistics(wav: torch.Tensor) -> np.ndarray:
     return torch.cat([mean - mean.mean(), feats.std(dim=0)]).numpy()
 
 
+@pytest.mark.slow
 def test_speakers_are_separable_by_fbank_statistics(tmp_path):
     """A simple embedding (fbank statistics, standardised, cosine) already scores the target
     trials of every cross-condition list above the nontarget ones on average."""
@@ -226,6 +228,7 @@ def test_device_and_distance_change_a_recording_more_than_a_second_take():
     assert distance(reference, record("02", 1.0, 6)) > second_take  # a little further
 
 
+@pytest.mark.slow
 def test_a_speaker_sounds_less_alike_across_dialects():
     rng = np.random.default_rng(0)
     dialects = make_dialects(0)
