@@ -179,3 +179,15 @@ def test_non_finite_weights_are_never_exported(tmp_path):
     with pytest.raises(CheckpointError, match=r"NaN or infinity: conv1.weight"):
         export_embedding_model(exp, tmp_path / "model.ckpt", average=1)
     assert not (tmp_path / "model.ckpt").exists()
+
+
+def test_a_plain_state_dict_exports_unchanged_and_cannot_be_averaged(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("eres2net", **TINY)
+    torch.save(model.state_dict(), tmp_path / "released.ckpt")  # the released layout
+    name, kwargs, _ = export_embedding_model(tmp_path / "released.ckpt", tmp_path / "out.ckpt")
+    assert name == "eres2net" and kwargs["m_channels"] == 4
+    exported = torch.load(tmp_path / "out.ckpt", weights_only=True)
+    assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(CheckpointError, match="averaging needs a training checkpoint"):
+        export_embedding_model(tmp_path / "released.ckpt", tmp_path / "avg.ckpt", average=2)
