@@ -21,6 +21,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from speakerlab.models import build_model, count_parameters
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 EXPECTED = ROOT / "tests" / "fixtures" / "expected" / "experiment_deltas.yaml"
@@ -81,6 +83,36 @@ def test_experiment_sets_only_keys_its_groups_declare(experiment):
     """A misspelt key (``trainer.epoch: 9``) would merge silently and change nothing."""
     _, got, plain = merged_and_plain(experiment)
     assert [k for k in got if k not in plain] == []
+
+
+def model_spec(model_cfg) -> tuple[str, dict[str, Any]]:
+    kwargs = OmegaConf.to_container(model_cfg, resolve=True)
+    return kwargs.pop("name"), kwargs
+
+
+def compose_experiment(experiment: str):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", [f"experiment={experiment}"])
+
+
+@pytest.mark.parametrize("experiment", ["campplus_mini", "ecapa_tdnn_mini"])
+def test_mini_experiments_differ_from_eres2net_mini_only_in_the_model(experiment):
+    """The published table in miniature: three models trained the same way."""
+    mini, reference = compose_experiment(experiment), compose_experiment("eres2net_mini")
+    for group in ("data", "loss", "optim", "trainer"):
+        assert mini[group] == reference[group], group
+    name, kwargs = model_spec(mini.model)
+    assert name == experiment.removesuffix("_mini")
+    assert count_parameters(build_model(name, **kwargs)) < 1_000_000
+
+
+def test_mini_large_margin_experiment_fine_tunes_the_mini_model():
+    """Stage 6 after the mini recipe loads the eres2net_mini weights: same architecture."""
+    lm, base = compose_experiment("eres2net_lm_mini"), compose_experiment("eres2net_mini")
+    assert model_spec(lm.model) == model_spec(base.model)
+    assert lm.trainer.init_from == f"exp/{base.name}" and lm.loss.num_classes == "init"
+    assert lm.loss.margin.initial == lm.loss.margin.final > base.loss.margin.final
+    assert lm.data.crop_seconds > base.data.crop_seconds and lm.optim.lr < base.optim.lr
 
 
 if __name__ == "__main__":  # writes the expectation: only ever from a tree whose configs are right
