@@ -1,19 +1,7 @@
 #!/usr/bin/env bash
-# Speaker verification: the stages shared by every recipe, whatever the corpus.
-#
-# A recipe's run.sh cds into its own folder (data/ and exp/ are written there), names its
-# experiments and sources its corpus file, then this script:
-#
-#   recipe_experiment=eres2net            # trained by default
-#   recipe_mini_experiment=eres2net_mini  # trained by default when the corpus says mini=true
-#   . ../corpus.sh                        # corpus options, corpus_help, corpus_setup, corpus_prepare
-#   . ../../sv.sh "$@"
-#
-# The corpus file declares its options as shell variables with their defaults (parsed here with
-# the common ones), a help text corpus_help, and two functions: corpus_setup (after option
-# parsing: check the corpus options and set train_dir, test_dir, the trial_lists array,
-# noise_list and rir_list (empty: none) and mini=true|false) and corpus_prepare (stage 1: make
-# those lists).
+# Speaker verification: the stages shared by every recipe, whatever the corpus. A recipe's run.sh
+# names its experiments, sources its corpus file (options and stage 1) and then this script, from
+# its own folder, where data/ and exp/ are written; docs/recipes.md says how a corpus plugs in.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -128,8 +116,8 @@ extract_embeddings() {
 # score_trials EXP_DIR: score files, results table (printed) and DET plot of the trial lists.
 score_trials() {
   [ -f "$1/embeddings/test/embedding.scp" ] || die "no embeddings in $1/embeddings/test: run stage 4 first"
-  log "scoring ${#trial_lists[@]} trial lists into $1/scores"
-  speakerlab score --embeddings "$1/embeddings/test/embedding.scp" --trials "${trial_lists[@]}" \
+  log "scoring ${#trials[@]} trial lists into $1/scores"
+  speakerlab score --embeddings "$1/embeddings/test/embedding.scp" --trials "${trials[@]}" \
     --out-dir "$1/scores"
 }
 

@@ -28,7 +28,7 @@ corpus_setup() {
   prepared="$data/3dspeaker"
   train_dir="$prepared/train"
   test_dir="$prepared/test"
-  trial_lists=("$prepared/trials/trials_cross_device" "$prepared/trials/trials_cross_distance"
+  trials=("$prepared/trials/trials_cross_device" "$prepared/trials/trials_cross_distance"
                "$prepared/trials/trials_cross_dialect")
   noise_list="$data/musan/wav.scp"
   rir_list="$data/rirs/wav.scp"

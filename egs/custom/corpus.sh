@@ -45,7 +45,7 @@ corpus_setup() {
     test_dir="$prepared/test"
     trials="$prepared/trials/test_trials"
   fi
-  read -ra trial_lists <<< "$trials"
+  read -ra trials <<< "$trials"  # the option's list becomes the array of trial lists
 }
 
 corpus_prepare() {
@@ -64,7 +64,7 @@ corpus_prepare() {
     touch "$prepared/.done"
     return
   fi
-  [ -n "$train_dir$test_dir$trials" ] || \
+  [ -n "$train_dir$test_dir${trials[*]-}" ] || \
     die "stage 1: give --source DIR (a folder of speaker folders, or a Kaldi dir), or your lists with --train_dir, --test_dir and --trials"
   log "stage 1: using the lists given"
   local missing=()
@@ -72,8 +72,8 @@ corpus_prepare() {
     for f in "$train_dir/wav.scp" "$train_dir/utt2spk"; do [ -f "$f" ] || missing+=("$f"); done
   fi
   [ -f "$test_dir/wav.scp" ] || missing+=("$test_dir/wav.scp")
-  [ "${#trial_lists[@]}" -gt 0 ] || missing+=("--trials")
-  for f in "${trial_lists[@]}"; do [ -f "$f" ] || missing+=("$f"); done
+  [ "${#trials[@]}" -gt 0 ] || missing+=("--trials")
+  for f in "${trials[@]}"; do [ -f "$f" ] || missing+=("$f"); done
   [ "${#missing[@]}" -eq 0 ] || \
     die "stage 1: missing ${missing[*]} (relative paths start in $PWD)"
 }
