@@ -12,6 +12,7 @@ stop_stage=5
 experiment=""           # Hydra experiment in conf/experiment/ (default: the recipe's, or its mini one)
 lm_experiment=""        # stage 6 experiment (default: <experiment>_lm, or <base>_lm_mini for *_mini)
 init_from=""            # stage 3 starts from this model: a registry id, checkpoint or experiment folder
+data=data               # prepared lists go here
 exp=""                  # experiment folder (default exp/<experiment>, or exp/pretrained)
 pretrained=""           # skip training: evaluate this registry id or checkpoint path
 gpus=""                 # e.g. "0 1 2 3"; empty trains on CPU
@@ -35,7 +36,7 @@ Options:
                                <name>_mini)
   --init_from ID|PATH          fine-tune from a released model id, a checkpoint or an experiment
                                folder: its embedding model, a classifier sized for these speakers
-  --exp DIR                    experiment folder (default exp/<experiment>)
+  --data DIR / --exp DIR       prepared lists / experiment folder
   --pretrained ID|PATH         evaluate a released model id or a checkpoint instead of training
   --gpus \"0 1 ...\"             GPUs to train on (NCCL); empty: CPU (gloo)
   --nproc N                    CPU processes when --gpus is empty

@@ -6,15 +6,13 @@ corpus=3dspeaker        # 3dspeaker: the real corpus; mini: the built-in simulat
 raw_data=""             # corpus, MUSAN and RIRS_NOISES live here (default data/raw or data/mini_raw)
 download=true           # --corpus 3dspeaker: download what is missing into --raw_data
 mini_size=default       # --corpus mini: default | ci (a smaller corpus for continuous integration)
-data=data               # prepared lists go here
 
 corpus_help="Corpus options (3D-Speaker):
   --corpus 3dspeaker|mini      real corpus (default) or the built-in simulated mini corpus; mini
                                trains the recipe's mini experiment unless --experiment says otherwise
   --raw_data DIR               where the corpus, MUSAN and RIRS_NOISES are (or go)
   --download true|false        download missing parts of the real corpus (default true)
-  --mini_size default|ci       size of the simulated corpus
-  --data DIR                   prepared lists (default data)"
+  --mini_size default|ci       size of the simulated corpus"
 
 corpus_setup() {
   mini=false

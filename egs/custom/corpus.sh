@@ -7,7 +7,6 @@ source=""               # folder tree <source>/<speaker>/**/*.{wav,flac}, or a K
 train_dir=""            # or ready lists: a Kaldi dir to train on (wav.scp, utt2spk)
 test_dir=""             # ... a Kaldi dir of the utterances the trials name (wav.scp)
 trials=""               # ... trial lists "enrol test target|nontarget", space separated
-data=data               # --source is prepared into DATA/custom/{train,test,trials}
 test_fraction=0.1       # --source: share of speakers held out for the test part
 num_test_speakers=""    # --source: number of held-out speakers (overrides the fraction)
 split_seed=0            # --source: seed of the speaker split
@@ -20,14 +19,13 @@ rir_list=""             # wav.scp of room impulse responses for augmentation; em
 
 corpus_help="Corpus options (your data; either --source, or --train_dir/--test_dir/--trials):
   --source DIR                 <DIR>/<speaker>/**/*.{wav,flac}, or a Kaldi dir (wav.scp, utt2spk),
-                               prepared by stage 1 into <data>/custom (see local/prepare_folder.py)
+                               prepared by stage 1 into <--data>/custom (local/prepare_folder.py)
   --test_fraction F / --num_test_speakers N   speakers held out for testing (default 0.1)
   --split_seed N / --num_trials N / --trials_seed N   speaker split and generated trials
   --convert_dir DIR            convert audio that is not 16 kHz mono into DIR (else: listed, stop)
   --skip_unreadable true|false leave out unreadable files (default false: listed, stop)
   --train_dir DIR --test_dir DIR --trials \"F1 F2\"   your own lists instead of --source
-  --noise_list F --rir_list F  wav.scp files for noise and reverberation augmentation (optional)
-  --data DIR                   where --source is prepared (default data)"
+  --noise_list F --rir_list F  wav.scp files for noise and reverberation augmentation (optional)"
 
 corpus_setup() {
   mini=false
