@@ -1,5 +1,5 @@
-"""The Hydra config tree: experiment values of DESIGN.md section 5, and overrides reaching the
-model, the optimizer and the data."""
+"""The Hydra config tree: experiment values of the reference recipes (docs/reference.md), and
+overrides reaching the model, the optimizer and the data."""
 
 from pathlib import Path
 
@@ -82,7 +82,7 @@ EXPERIMENTS = {
         "model.channels": [1024, 1024, 1024, 1024, 3072],
     },
 }
-# Parameter counts of the reference code (DESIGN.md section 5).
+# Parameter counts of the reference code (docs/reference.md).
 PARAMETERS = {"eres2net": 6_610_688, "campplus": 7_176_224, "ecapa_tdnn": 20_767_552}
 
 
