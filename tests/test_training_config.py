@@ -8,12 +8,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from speakerlab.distributed import DistContext
+from speakerlab.distributed import DistContext, single_process
 from speakerlab.errors import ConfigError
 from speakerlab.models import build_model, count_parameters
 from speakerlab.training.builders import build_optimizer, model_spec, plain_config
 from speakerlab.training.progress import TrainingMonitor
 from speakerlab.training.schedules import MarginSchedule
+from speakerlab.training.setup import Options
 from speakerlab.training.trainer import Trainer
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -202,3 +203,11 @@ def test_mini_experiment_is_a_shallow_narrow_eres2net_with_adamw():
     assert name == "eres2net" and kwargs["num_blocks"] == [1, 1, 1, 1] and kwargs["m_channels"] == 8
     assert count_parameters(build_model(name, **kwargs)) < 400_000
     assert cfg.optim.name == "adamw" and cfg.data.speeds == [1.0]
+
+
+def test_a_run_that_would_prune_what_its_export_averages_is_refused_at_start():
+    """Guards against: a run keeping 3 checkpoints whose export averages 5 failing only at
+    stage 4, after hours of training."""
+    cfg = compose_config("trainer.keep_last=3", "trainer.export_average=5")
+    with pytest.raises(ConfigError, match=r"export_average=5 .* trainer.keep_last=3 keeps only 3"):
+        Options.from_config(cfg, single_process("cpu"))

@@ -28,6 +28,7 @@ from speakerlab.distributed import (
 from speakerlab.errors import ConfigError
 from speakerlab.models.checkpoint import load_state_into
 from speakerlab.training import builders
+from speakerlab.training.averaging import check_retention
 from speakerlab.training.batching import BatchLayout, MicroBatchSampler, batch_layout
 from speakerlab.training.checkpointing import (
     RunIdentity,
@@ -74,6 +75,7 @@ class Options:
             raise ConfigError(f"trainer.epochs={epochs} must be at least 1")
         if int(trainer.keep_last) < 1:
             raise ConfigError(f"trainer.keep_last={trainer.keep_last} must be at least 1")
+        check_retention(int(trainer.keep_last), int(trainer.export_average))
         layout = batch_layout(
             int(trainer.batch_size), ctx.world_size, int(trainer.accumulate_steps)
         )
