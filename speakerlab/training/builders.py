@@ -21,9 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from speakerlab import models
 from speakerlab.data.dataset import init_data_worker
 from speakerlab.errors import ConfigError
+from speakerlab.models import build_model
+from speakerlab.models import model_spec as registered_model
 from speakerlab.training.batching import BatchLayout
 from speakerlab.training.losses import MarginSoftmaxLoss
 from speakerlab.training.schedules import MarginSchedule, WarmupCosineLR, batch_lr_factor
@@ -71,7 +72,7 @@ def full_model_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` completed with the constructor's defaults, sequences as lists: two specs build
     the same architecture exactly when these are equal."""
     try:
-        parameters = inspect.signature(models.model_spec(name).build).parameters.values()
+        parameters = inspect.signature(registered_model(name).build).parameters.values()
     except ValueError as err:
         raise ConfigError(f"model.name={name}: {err}") from None
     full = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
@@ -82,7 +83,7 @@ def full_model_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 def build_embedding_model(name: str, kwargs: dict[str, Any]) -> torch.nn.Module:
     """``build_model`` with bad options reported as a ConfigError."""
     try:
-        return models.build_model(name, **kwargs)
+        return build_model(name, **kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model.name={name} with {kwargs}: {err}") from None
 
