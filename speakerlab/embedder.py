@@ -11,25 +11,29 @@ Long recordings (:func:`window_spans`): a recording of more than ``window_frames
 cut into the fewest windows that cover it, all of the same length (at most ``window_frames``,
 evenly spread, the last one ending with the recording). Each window is embedded as an utterance of
 its own (with its own mean normalisation) and the recording's embedding is the mean of the window
-embeddings. The model's memory then depends on the window length, not on the recording's. Shorter
-recordings are embedded whole. Windows of one length batch together, and :func:`embed_windowed`
-never gives the model more than ``max_batch_frames`` frames at a time (one window at least).
+embeddings. Shorter recordings are embedded whole. Windows of one length batch together, and
+:func:`embed_windowed` never gives the model more than ``max_batch_frames`` frames at a time (one
+window at least). A recording is given as :class:`Windows`, whose fbank is made only when its
+windows are embedded: from a waveform in memory, or read from a 16 kHz file one window at a time.
+Memory then depends on the window length and ``max_batch_frames``, not on the recording's length.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from speakerlab.audio import SAMPLE_RATE
+from speakerlab.audio import SAMPLE_RATE, read_audio
 from speakerlab.distributed import DistContext, resolve_device, run_on_every_rank, single_process
 from speakerlab.errors import CheckpointError, ConfigError
 from speakerlab.features import FRAME_LENGTH_MS, FRAME_SHIFT_MS, fbank, num_frames
@@ -207,14 +211,47 @@ def window_spans(num_samples: int, window_frames: int) -> list[tuple[int, int]]:
     return [(k * last_start // (count - 1) * _SHIFT_SAMPLES, length) for k in range(count)]
 
 
-def windowed_fbank(wav: torch.Tensor, window_frames: int, feat_dim: int) -> torch.Tensor:
-    """fbank of each window of a 16 kHz waveform: ``(windows, frames, feat_dim)``."""
-    return torch.stack(
-        [
-            fbank(wav[start : start + length], num_mel_bins=feat_dim)
-            for start, length in window_spans(wav.numel(), window_frames)
-        ]
-    )
+@dataclass(frozen=True)
+class Windows:
+    """One recording as windows (see the module docstring) whose fbank is made when asked for.
+
+    ``audio`` is the 16 kHz waveform, or the path of a 16 kHz file of ``num_samples`` samples
+    that is read one window at a time (a window that cannot be read, is cut short or holds
+    non-finite samples raises :class:`AudioError` naming the file).
+    """
+
+    audio: torch.Tensor | str | Path | None
+    num_samples: int
+    window_frames: int
+    feat_dim: int
+    features: torch.Tensor | None = None  # the fbank of every window, once made (:meth:`made`)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(number of windows, frames per window)."""
+        return window_shape(self.num_samples, self.window_frames)
+
+    def made(self) -> Windows:
+        """These windows with their fbank made now and the audio let go: what a data-loading
+        worker hands over for a short recording, so that the main process only embeds."""
+        return replace(self, audio=None, features=self.fbank())
+
+    def fbank(self, first: int = 0, stop: int | None = None) -> torch.Tensor:
+        """fbank of windows ``first`` to ``stop`` (exclusive): ``(windows, frames, feat_dim)``."""
+        if self.features is not None:
+            return self.features[first:stop]
+        spans = window_spans(self.num_samples, self.window_frames)[first:stop]
+        return torch.stack(
+            [
+                fbank(self._samples(start, length), num_mel_bins=self.feat_dim)
+                for start, length in spans
+            ]
+        )
+
+    def _samples(self, start: int, length: int) -> torch.Tensor:
+        if isinstance(self.audio, torch.Tensor):
+            return self.audio[start : start + length]
+        return torch.from_numpy(read_audio(self.audio, start, length)[0])
 
 
 def check_window(window_frames: int, min_frames: int) -> None:
@@ -228,12 +265,12 @@ def check_window(window_frames: int, min_frames: int) -> None:
 
 def embed_windowed(
     embedder: Embedder,
-    items: Sequence[torch.Tensor],
+    items: Sequence[Windows],
     max_batch_frames: int = DEFAULT_MAX_BATCH_FRAMES,
 ) -> np.ndarray:
-    """Embeddings ``(len(items), dim)`` of recordings given as window fbank ``(windows, frames,
-    feat_dim)`` each: windows of equal length are batched, at most ``max_batch_frames`` frames
-    (and one window at least) per model call, and each recording gets the mean of its windows.
+    """Embeddings ``(len(items), dim)`` of recordings, each the mean of its windows' embeddings:
+    windows of equal length are batched, at most ``max_batch_frames`` frames (and one window at
+    least) per model call, and a window's fbank is made only for the call that embeds it.
 
     Batching changes nothing but speed: nothing is padded or cropped.
     """
@@ -242,17 +279,21 @@ def embed_windowed(
     by_frames: dict[int, list[int]] = {}
     for index, item in enumerate(items):
         by_frames.setdefault(item.shape[1], []).append(index)
-    result: list[np.ndarray | None] = [None] * len(items)
+    sums: list[np.ndarray] = [np.zeros(0)] * len(items)
     for frames, indices in by_frames.items():
-        windows = torch.cat([items[i] for i in indices])
         per_call = max(1, max_batch_frames // frames)
-        embedded = np.concatenate(
-            [embedder(windows[s : s + per_call]) for s in range(0, len(windows), per_call)]
-        )
-        ends = np.cumsum([items[i].shape[0] for i in indices])
-        for index, rows in zip(indices, np.split(embedded, ends[:-1])):
-            result[index] = rows.astype(np.float64).mean(axis=0)
-    return np.stack(result).astype(np.float32)
+        windows = [(i, k) for i in indices for k in range(items[i].shape[0])]
+        for start in range(0, len(windows), per_call):
+            runs = itertools.groupby(windows[start : start + per_call], key=lambda w: w[0])
+            owners, pieces = [], []
+            for i, run in runs:
+                ks = [k for _, k in run]
+                owners += [i] * len(ks)
+                pieces.append(items[i].fbank(ks[0], ks[-1] + 1))
+            rows = embedder(torch.cat(pieces)).astype(np.float64)
+            for i, row in zip(owners, rows):
+                sums[i] = sums[i] + row if sums[i].size else row
+    return np.stack([total / item.shape[0] for total, item in zip(sums, items)]).astype(np.float32)
 
 
 def nonfinite_rows(embeddings: np.ndarray) -> list[int]:

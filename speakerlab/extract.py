@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from speakerlab.audio import SAMPLE_RATE, audio_info
+from speakerlab.audio import SAMPLE_RATE, audio_info, read_audio
 from speakerlab.data.kaldi_dir import read_wav_scp
 from speakerlab.distributed import (
     DistContext,
@@ -58,13 +58,13 @@ from speakerlab.embedder import (
     DEFAULT_MAX_BATCH_FRAMES,
     DEFAULT_WINDOW_SECONDS,
     Embedder,
+    Windows,
     check_window,
     embed_windowed,
     load_embedder,
     nonfinite_rows,
     window_frames_for,
     window_shape,
-    windowed_fbank,
 )
 from speakerlab.embedding_store import (
     SCP_NAME,
@@ -219,7 +219,12 @@ def make_batches(
 
 
 class BatchFeatures(Dataset):
-    """Dataset of whole batches: item ``i`` is ([(utt, window fbank)], [(utt, why skipped)])."""
+    """Dataset of whole batches: item ``i`` is ([(utt, windows)], [(utt, why skipped)]).
+
+    A recording of one window is read and its fbank made here (in a loader worker); a longer one
+    is read through here only to check it (a block at a time), and its windows are read again one
+    at a time when they are embedded, so that no recording costs memory for its length.
+    """
 
     def __init__(
         self, batches: Sequence[Sequence[Utterance]], feat_dim: int, window_frames: int
@@ -231,22 +236,43 @@ class BatchFeatures(Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(
-        self, index: int
-    ) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, str]]]:
+    def __getitem__(self, index: int) -> tuple[list[tuple[str, Windows]], list[tuple[str, str]]]:
         loaded, skipped = [], []
         for utt in self.batches[index]:
             try:
-                wav = prepare_waveform(utt.path)
-                if wav.numel() != utt.num_samples:
-                    raise AudioError(
-                        f"{utt.path}: the file changed while the run went on (it had "
-                        f"{utt.num_samples} samples when the list was read, now {wav.numel()})"
-                    )
-                loaded.append((utt.utt, windowed_fbank(wav, self.window_frames, self.feat_dim)))
+                loaded.append((utt.utt, self.windows(utt)))
             except AudioError as err:
                 skipped.append((utt.utt, str(err)))
         return loaded, skipped
+
+    def windows(self, utt: Utterance) -> Windows:
+        if window_shape(utt.num_samples, self.window_frames)[0] > 1:
+            num_samples = check_readable(utt.path)
+            _check_unchanged(utt, num_samples)
+            return Windows(utt.path, num_samples, self.window_frames, self.feat_dim)
+        wav = prepare_waveform(utt.path)
+        _check_unchanged(utt, wav.numel())
+        return Windows(wav, wav.numel(), self.window_frames, self.feat_dim).made()
+
+
+def check_readable(path: str, block: int = 60 * SAMPLE_RATE) -> int:
+    """Read ``path`` through a block at a time (truncation, decoding errors and non-finite
+    samples raise :class:`AudioError`) and return its number of samples."""
+    total, start = 0, 0
+    while True:
+        samples, _ = read_audio(path, start, block)
+        total += len(samples)
+        if len(samples) < block:
+            return total
+        start += block
+
+
+def _check_unchanged(utt: Utterance, num_samples: int) -> None:
+    if num_samples != utt.num_samples:
+        raise AudioError(
+            f"{utt.path}: the file changed while the run went on (it had "
+            f"{utt.num_samples} samples when the list was read, now {num_samples})"
+        )
 
 
 # --------------------------------------------------------------------------- the folder's state

@@ -34,18 +34,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speakerlab.audio import SAMPLE_RATE, audio_info, check_finite, read_audio
+from speakerlab.audio import SAMPLE_RATE, audio_info, audio_truncation, check_finite, read_audio
 from speakerlab.calibration import Calibration, read_model_calibration
 from speakerlab.embedder import (
     DEFAULT_MAX_BATCH_FRAMES,
     DEFAULT_WINDOW_SECONDS,
     Embedder,
+    Windows,
     check_window,
     embed_windowed,
     load_embedder,
     nonfinite_rows,
     window_frames_for,
-    windowed_fbank,
+    window_shape,
 )
 from speakerlab.errors import AudioError, ConfigError
 from speakerlab.features import FRAME_LENGTH_MS, FRAME_SHIFT_MS, num_frames
@@ -247,14 +248,35 @@ class SpeakerVerifier:
 
     def window_features(
         self, audio: AudioInput, sample_rate: int | None = None, position: int | None = None
-    ) -> torch.Tensor:
-        """fbank of the windows of one input ``(windows, frames, feat_dim)`` (one window unless
-        it is longer than the window length), checked to be long enough for the model."""
-        wav = prepare_waveform(audio, sample_rate, position)
-        complaint = too_short(_describe(audio, position), wav.numel(), self.min_frames)
+    ) -> Windows:
+        """The windows of one input (one window unless it is longer than the window length),
+        checked to be long enough for the model. A 16 kHz file longer than one window is read one
+        window at a time when it is embedded; other inputs are loaded (and resampled) first."""
+        name = _describe(audio, position)
+        num_samples = self._streamed_length(audio)
+        if num_samples is None:
+            wav = prepare_waveform(audio, sample_rate, position)
+            source, num_samples = wav, wav.numel()
+        else:
+            source = audio  # a 16 kHz file, read when embedded
+        complaint = too_short(name, num_samples, self.min_frames)
         if complaint:
             raise AudioError(complaint)
-        return windowed_fbank(wav, self.window_frames, self.embedder.feat_dim)
+        return Windows(source, num_samples, self.window_frames, self.embedder.feat_dim)
+
+    def _streamed_length(self, audio: AudioInput) -> int | None:
+        """The sample count of a 16 kHz file of more than one window (read as it is embedded,
+        so its length costs no memory); None for anything else. A truncated file is an error."""
+        if not isinstance(audio, (str, Path)):
+            return None
+        require_file(audio)
+        info = audio_info(audio)
+        if info.samplerate != SAMPLE_RATE or window_shape(info.frames, self.window_frames)[0] == 1:
+            return None
+        truncated = audio_truncation(audio)
+        if truncated is not None:
+            raise AudioError(truncated)
+        return info.frames
 
     def embed(
         self, audio: AudioInput, sample_rate: int | None = None, normalize: bool = False

@@ -2,12 +2,14 @@
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 from scipy.signal import lfilter
 from test_onnx import reference_model
 
 from speakerlab.embedder import (
     TorchEmbedder,
+    Windows,
     embed_windowed,
     load_embedder,
     window_frames_for,
@@ -135,17 +137,42 @@ def test_embed_windowed_batches_equal_lengths_within_the_budget():
 
     embedder = Recording(reference_model("campplus"))
     generator = torch.Generator().manual_seed(0)
-    items = [
-        torch.randn(1, 120, 80, generator=generator),
-        torch.randn(3, 100, 80, generator=generator),
-        torch.randn(1, 120, 80, generator=generator),
-        torch.randn(1, 100, 80, generator=generator),
-    ]
+
+    def windows(frames: int, window_frames: int) -> Windows:
+        num_samples = 400 + 160 * (frames - 1)
+        wav = torch.randn(num_samples, generator=generator)
+        return Windows(wav, num_samples, window_frames, 80)
+
+    # (windows, frames): (1, 120), (3, 100), (1, 120), (1, 100)
+    items = [windows(120, 120), windows(300, 100), windows(120, 120), windows(100, 100)]
+    assert [item.shape for item in items] == [(1, 120), (3, 100), (1, 120), (1, 100)]
     result = embed_windowed(embedder, items, max_batch_frames=250)
-    # 120-frame windows: 2 per call; 100-frame windows (3 + 1): 2 per call.
+    # 120-frame windows: 2 per call; 100-frame windows (3 + 1): 2 per call, the second call
+    # holding the last window of one recording and the only window of another.
     assert sorted(calls) == [(2, 100), (2, 100), (2, 120)]
-    one_by_one = [embedder.embed_features(item).mean(axis=0) for item in items]
+    one_by_one = [embedder.embed_features(item.fbank()).mean(axis=0) for item in items]
     np.testing.assert_allclose(result, np.stack(one_by_one), atol=1e-5)
+
+
+def test_a_long_file_is_read_a_window_at_a_time_with_the_same_result(tmp_path):
+    """A 16 kHz file of several windows is read window by window (no more than a window in
+    memory) and gives exactly the fbank, and the embedding, of the same audio in memory."""
+    rng = np.random.default_rng(0)
+    wav = (0.1 * rng.standard_normal(RATE * 7 + 123)).astype(np.float32)
+    path = tmp_path / "long.wav"
+    soundfile.write(path, wav, RATE, subtype="FLOAT")
+    window_frames = window_frames_for(2.0)
+    from_file = Windows(str(path), len(wav), window_frames, 80)
+    in_memory = Windows(torch.from_numpy(wav), len(wav), window_frames, 80)
+    assert from_file.shape == in_memory.shape and from_file.shape[0] == 4
+    assert torch.equal(from_file.fbank(), in_memory.fbank())
+    assert torch.equal(from_file.fbank(1, 3), in_memory.fbank()[1:3])
+    assert torch.equal(in_memory.made().fbank(), in_memory.fbank())
+
+    verifier = SpeakerVerifier(TorchEmbedder(reference_model("campplus")), window_seconds=2.0)
+    streamed = verifier.window_features(path)
+    assert isinstance(streamed.audio, (str, type(path)))  # the file, not its samples
+    np.testing.assert_array_equal(verifier.embed(path), verifier.embed(wav))
 
 
 def test_short_windows_and_bad_backends_are_refused(tmp_path):

@@ -753,3 +753,49 @@ def test_memory_does_not_grow_with_the_length_of_a_recording():
     # The fbank of all windows (3.8 MB) and one window's activations: well under 60 MB.
     assert windowed < 60, windowed
     assert whole > windowed + 150, (whole, windowed)
+
+
+FILE_MEMORY_PROBE = """
+import re, sys, numpy as np, torch
+from speakerlab.embedder import TorchEmbedder
+from speakerlab.inference import SpeakerVerifier
+from speakerlab.models import build_model
+
+def peak_mb():
+    with open("/proc/self/status") as status:
+        return int(re.search(r"VmHWM:\\s*(\\d+) kB", status.read()).group(1)) / 1024
+
+torch.manual_seed(0)
+verifier = SpeakerVerifier(
+    TorchEmbedder(build_model("eres2net", m_channels=8, embedding_size=32)),
+    window_seconds=3.0,
+    max_batch_frames=298,
+)
+verifier.embed(np.random.default_rng(0).standard_normal(16000 * 9).astype(np.float32))
+before = peak_mb()
+embedding = verifier.embed(sys.argv[1])
+assert np.isfinite(embedding).all()
+print(peak_mb() - before)
+"""
+
+
+@pytest.mark.slow
+def test_memory_for_a_long_file_does_not_depend_on_its_length(tmp_path):
+    """A 16 kHz file is read one window at a time: embedding a 16-minute file takes no more
+    memory than a 4-minute one (held whole, its samples and fbank alone would be about 90 MB)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rng = np.random.default_rng(1)
+
+    def growth(minutes):
+        path = tmp_path / f"{minutes}min.wav"
+        with soundfile.SoundFile(path, "w", 16000, 1, subtype="PCM_16") as out:
+            for _ in range(minutes):  # a minute at a time: the test itself stays small
+                out.write((0.1 * rng.standard_normal(16000 * 60)).astype(np.float32))
+        command = [sys.executable, "-c", FILE_MEMORY_PROBE, str(path)]
+        result = run_bounded(command, 600, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return float(result.stdout.strip())
+
+    short, long = growth(4), growth(16)
+    assert long < short + 15, (short, long)
+    assert long < 60, long
