@@ -1,0 +1,328 @@
+"""Fast CPU inference: FLOP accounting, batch-norm folding, bf16, int8 quantisation."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from speakerlab import cpu_inference, flops
+from speakerlab.cpu_inference import (
+    CpuTorchEmbedder,
+    bf16_unsupported_reason,
+    conv_batch_norm_pairs,
+    fold_batch_norms,
+    prepare_cpu_model,
+    restore,
+)
+from speakerlab.errors import CheckpointError, ConfigError
+from speakerlab.extract import TorchEmbedder
+from speakerlab.features import fbank
+from speakerlab.models import build_model
+
+REFERENCE = Path(__file__).parent / "fixtures" / "reference"
+SMALL_CONFIGS = {
+    "eres2net": dict(feat_dim=80, embedding_size=32, m_channels=8),
+    "eres2netv2": dict(feat_dim=80, embedding_size=32, m_channels=8),
+    "campplus": dict(feat_dim=80, embedding_size=32, growth_rate=8, bn_size=2, init_channels=16),
+    "ecapa_tdnn": dict(
+        feat_dim=80,
+        embedding_size=32,
+        channels=[64, 64, 64, 64, 192],
+        attention_channels=16,
+        se_channels=16,
+    ),
+}
+
+
+def reference_model(name: str) -> nn.Module:
+    """Small model with the reference fixture's weights (trained-like batch-norm statistics)."""
+    model = build_model(name, **SMALL_CONFIGS[name])
+    fixture = torch.load(REFERENCE / f"{name}_small.pt", weights_only=True)
+    model.load_state_dict(fixture["state_dict"])
+    return model.eval()
+
+
+def speech_like_fbank(seed: int, seconds: float = 3.0) -> torch.Tensor:
+    """fbank of a gliding harmonic tone in noise: activations like those of real speech."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(16000 * seconds)) / 16000
+    pitch = 100 + 80 * rng.random() + 30 * np.sin(2 * np.pi * rng.uniform(0.3, 2.0) * t)
+    phase = 2 * np.pi * np.cumsum(pitch) / 16000
+    wav = sum(np.sin(k * phase) / k for k in range(1, 12)) * 0.1
+    wav = wav * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t)) + 0.02 * rng.standard_normal(t.size)
+    return fbank(torch.from_numpy(wav.astype(np.float32)))
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+# --------------------------------------------------------------------------- FLOP accounting
+
+
+class FrameLinear(nn.Module):
+    feat_dim = 20
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(20, 7)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.linear(feats).mean(dim=1)
+
+
+class FrameConv(nn.Module):
+    feat_dim = 20
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(20, 6, kernel_size=5, stride=2)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.conv(feats.transpose(1, 2)).mean(dim=2)
+
+
+def test_model_flops_count_matrix_products_by_hand():
+    # Linear on every frame: (frames x 20) @ (20 x 7), 2 FLOPs per multiply-add.
+    assert flops.model_flops(FrameLinear(), 50) == 2 * 50 * 20 * 7
+    # Conv1d: each of the (50 - 5) // 2 + 1 = 23 outputs of each of 6 channels is a dot product
+    # of length 20 * 5.
+    assert flops.model_flops(FrameConv(), 50) == 2 * 23 * 6 * 20 * 5
+    assert flops.model_flops_per_length(FrameConv(), [50, 9, 50]) == {
+        9: 2 * 3 * 6 * 20 * 5,
+        50: 2 * 23 * 6 * 20 * 5,
+    }
+
+
+def test_model_flops_leave_the_model_untouched():
+    model = FrameLinear()
+    before = model.linear.weight.clone()
+    flops.model_flops(model, 10)
+    assert model.linear.weight.device.type == "cpu"
+    assert torch.equal(model.linear.weight, before)
+
+
+def test_matmul_rate_is_2n3_per_timed_product():
+    ticks = iter(range(0, 1000, 2))  # each product "takes" 2 s on this clock
+
+    def clock() -> float:
+        return float(next(ticks))
+
+    rate = flops.matmul_flops_per_second(size=8, min_seconds=0.0, clock=clock)
+    assert rate == pytest.approx(2 * 8**3 / 2)
+    ticks = iter(range(0, 1000, 4))
+    rate = flops.onnxruntime_matmul_flops_per_second(
+        size=8, num_threads=1, min_seconds=0.0, clock=clock
+    )
+    assert rate == pytest.approx(2 * 8**3 / 4)
+
+
+# --------------------------------------------------------------------------- folding, fp32
+
+
+# ECAPA-TDNN normalises after the ReLU that follows each convolution: nothing to fold.
+@pytest.mark.parametrize(
+    "name, foldable",
+    [("eres2net", True), ("eres2netv2", True), ("campplus", True), ("ecapa_tdnn", False)],
+)
+def test_folding_batch_norms_keeps_the_embeddings(name, foldable):
+    model = reference_model(name)
+    feats = torch.randn(2, 237, 80, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = model(feats).numpy()
+    example = torch.randn(1, 100, 80, generator=torch.Generator().manual_seed(0))
+    pairs = conv_batch_norm_pairs(model, example)
+    replaced = fold_batch_norms(model, example)
+    assert len(replaced) == 2 * len(pairs) and bool(pairs) == foldable
+    assert conv_batch_norm_pairs(model, example) == []  # nothing foldable is left
+    with torch.inference_mode():
+        np.testing.assert_allclose(model(feats).numpy(), expected, rtol=1e-4, atol=1e-4)
+    restore(replaced)
+    assert conv_batch_norm_pairs(model, example) == pairs
+    with torch.inference_mode():
+        np.testing.assert_array_equal(model(feats).numpy(), expected)
+
+
+def test_every_batch_norm_of_eres2net_follows_a_convolution():
+    # ERes2Net puts a batch norm right after each of its 2-D convolutions.
+    model = reference_model("eres2net")
+    batch_norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert len(conv_batch_norm_pairs(model, torch.randn(1, 100, 80))) == batch_norms
+
+
+class ConvNormSum(nn.Module):
+    """``bn(conv(x))``, plus ``conv(x)`` itself when the input is longer than ``reuse_above``
+    frames: there the batch norm cannot be folded into the convolution without changing the
+    sum."""
+
+    feat_dim = 8
+
+    def __init__(self, reuse_above: int) -> None:
+        super().__init__()
+        self.reuse_above = reuse_above
+        self.conv = nn.Conv1d(8, 8, kernel_size=3, padding=1)
+        self.bn = nn.BatchNorm1d(8)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1.0, 1.0)
+            self.bn.running_var.uniform_(0.2, 3.0)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        hidden = self.conv(feats.transpose(1, 2))
+        out = self.bn(hidden)
+        if feats.shape[1] > self.reuse_above:
+            out = out + hidden
+        return out.mean(dim=2)
+
+
+def test_a_convolution_output_used_twice_is_not_folded():
+    model = ConvNormSum(reuse_above=0).eval()
+    assert conv_batch_norm_pairs(model, torch.randn(1, 50, 8)) == []
+    assert len(conv_batch_norm_pairs(ConvNormSum(reuse_above=60), torch.randn(1, 50, 8))) == 1
+
+
+def test_prepare_cpu_model_undoes_a_fold_that_changes_the_output():
+    # The pairs are found on 100 frames, the check runs on more: the second use shows there.
+    model = ConvNormSum(reuse_above=110).eval()
+    feats = torch.randn(3, 150, 8)
+    with torch.inference_mode():
+        expected = model(feats)
+    with pytest.warns(UserWarning, match="changed ConvNormSum's embeddings"):
+        prepared = prepare_cpu_model(model)
+    assert isinstance(prepared.bn, nn.BatchNorm1d)
+    with torch.inference_mode():
+        torch.testing.assert_close(prepared(feats), expected)
+
+
+def test_cpu_embedder_fp32_matches_the_plain_model():
+    model = reference_model("eres2net")
+    feats = torch.randn(2, 301, 80, generator=torch.Generator().manual_seed(2))
+    expected = TorchEmbedder(model)(feats)
+    embedder = CpuTorchEmbedder(model)
+    assert any(isinstance(m, nn.Identity) for m in embedder.model.modules())  # folded
+    actual = embedder(feats)
+    assert actual.dtype == np.float32
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- bf16
+
+
+def test_bf16_is_refused_where_the_cpu_lacks_it(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert "no bfloat16 instructions" in bf16_unsupported_reason()
+    with pytest.raises(ConfigError, match="bf16 inference refused: this CPU has no bfloat16"):
+        CpuTorchEmbedder(reference_model("eres2net"), precision="bf16")
+    # AMX alone is enough.
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert bf16_unsupported_reason() is None
+
+
+def test_bf16_is_refused_without_onednn(monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no oneDNN"):
+        cpu_inference.require_bf16()
+
+
+def test_unknown_precision_is_an_error():
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        CpuTorchEmbedder(reference_model("eres2net"), precision="fp16")
+
+
+# Measured on this project's machines (AVX512-BF16): random-weight ERes2Net base 0.99999, the
+# trained mini-recipe model >= 0.9995 over its 139 test recordings. bfloat16 keeps 8 bits of
+# mantissa, so a cosine under 0.999 means something other than rounding went wrong.
+BF16_MIN_COSINE = 0.999
+
+
+@pytest.mark.skipif(bf16_unsupported_reason() is not None, reason="CPU without bfloat16")
+@pytest.mark.parametrize("name", ["eres2net", "campplus"])
+def test_bf16_embeddings_are_close_to_fp32(name):
+    model = reference_model(name)
+    feats = torch.stack([speech_like_fbank(seed) for seed in range(3)])
+    expected = TorchEmbedder(model)(feats)
+    embedder = CpuTorchEmbedder(model, precision="bf16")
+    actual = embedder(feats)
+    assert actual.dtype == np.float32 and np.all(np.isfinite(actual))
+    assert cosines(actual, expected).min() >= BF16_MIN_COSINE
+    assert 1.0 - cosines(actual, expected).min() > 1e-9  # bfloat16 really ran
+
+
+# --------------------------------------------------------------------------- int8
+
+
+# Measured: ERes2Net base (random weights, trained-like batch norm) 0.9999 on held-out
+# recordings; the trained mini-recipe model >= 0.99 on its 139 test recordings. A failed
+# quantisation (wrong scales, a saturated layer) gives cosines far below 0.98.
+INT8_MIN_COSINE = 0.98
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from speakerlab.onnx_export import export_onnx
+
+    model = reference_model("eres2net")
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export_onnx(model, path, metadata={"model_name": "eres2net", "threshold": 0.3})
+    return model, path
+
+
+@pytest.mark.slow
+def test_int8_model_loads_and_is_close_to_fp32(exported, tmp_path):
+    from speakerlab.onnx_export import OnnxEmbedder
+    from speakerlab.quantize import quantize_onnx
+
+    model, fp32_path = exported
+    calibration = [speech_like_fbank(seed) for seed in range(6)]
+    out, calibration_cosine = quantize_onnx(fp32_path, tmp_path / "model.int8.onnx", calibration)
+    assert out.is_file() and calibration_cosine >= INT8_MIN_COSINE
+
+    import onnx
+
+    graph = onnx.load(str(out)).graph
+    ops = {node.op_type for node in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= sum(isinstance(m, nn.Conv2d) for m in model.modules())
+
+    embedder = OnnxEmbedder(out)
+    assert embedder.metadata["precision"] == "int8"
+    assert embedder.metadata["model_name"] == "eres2net"
+    assert embedder.metadata["threshold"] == 0.3
+    held_out = torch.stack([speech_like_fbank(seed, 3.0) for seed in range(100, 104)])
+    expected = TorchEmbedder(model)(held_out)
+    actual = embedder(held_out)
+    assert np.all(np.isfinite(actual))
+    assert cosines(actual, expected).min() >= INT8_MIN_COSINE
+    assert cosines(actual, expected).min() < 0.999999  # it really is quantised
+
+    with pytest.raises(ConfigError, match="already quantised"):
+        quantize_onnx(out, tmp_path / "twice.onnx", calibration)
+
+
+@pytest.mark.slow
+def test_quantisation_below_the_bound_writes_nothing(exported, tmp_path):
+    from speakerlab.quantize import quantize_onnx
+
+    _, fp32_path = exported
+    target = tmp_path / "model.int8.onnx"
+    with pytest.raises(CheckpointError, match="nothing written"):
+        quantize_onnx(fp32_path, target, [speech_like_fbank(0)], min_cosine=1.01)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantisation_input_errors(exported, tmp_path):
+    from speakerlab.quantize import quantize_onnx
+
+    _, fp32_path = exported
+    with pytest.raises(ConfigError, match="at least one calibration"):
+        quantize_onnx(fp32_path, tmp_path / "a.onnx", [])
+    with pytest.raises(ConfigError, match="calibration item 0"):
+        quantize_onnx(fp32_path, tmp_path / "a.onnx", [torch.full((50, 80), float("nan"))])
+    with pytest.raises(ConfigError, match="must have 80 bins"):
+        quantize_onnx(fp32_path, tmp_path / "a.onnx", [torch.zeros(50, 40)])
+    with pytest.raises(CheckpointError, match="not found"):
+        quantize_onnx(tmp_path / "missing.onnx", tmp_path / "a.onnx", [torch.zeros(50, 80)])
+    assert list(tmp_path.iterdir()) == []
