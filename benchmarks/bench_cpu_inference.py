@@ -14,8 +14,9 @@ embeddings all count:
 * ``torch fp32`` / ``torch bf16``: the tuned PyTorch path
   (:class:`speakerlab.cpu_inference.CpuTorchEmbedder`);
   the tuned paths run ``speakerlab.extract.extract_embeddings`` in one process (no loader
-  worker), passive thread waits, and probe the model's minimum input length once, at the
-  shortest recording's length, instead of by binary search.
+  worker), with passive thread waits and freed memory kept for reuse
+  (:func:`speakerlab.cpu_inference.reuse_freed_memory`), and probe the model's minimum input
+  length once instead of by binary search.
 
 Efficiency is the model's FLOPs over all recordings (:mod:`speakerlab.flops`) per wall second,
 divided by the FLOP/s of a 2048^3 SGEMM measured in the same run with the same thread count, by
@@ -70,8 +71,10 @@ def worker_main(args: argparse.Namespace) -> None:
         np.savez(out_dir / "embeddings.npz", **plain_loop(args.source, args.wav_scp))
         return  # its start-up is not separated from its work
 
+    from speakerlab.cpu_inference import reuse_freed_memory
     from speakerlab.extract import extract_embeddings
 
+    reuse_freed_memory()
     embedder = tuned_embedder(args.worker, args.source, args.threads, args.wav_scp)
     started = time.time()
     extract_embeddings(args.wav_scp, embedder, out_dir, num_workers=0, progress=False)
@@ -104,14 +107,16 @@ def tuned_embedder(method: str, source: str, threads: int, wav_scp: str):
         from speakerlab.pretrained import load_model
 
         embedder = CpuTorchEmbedder(load_model(source).model, method.split()[-1])
-    # One probe at the shortest recording's length replaces the binary search for the minimum.
+    # One probe replaces the binary search for the minimum length: at the shortest recording's
+    # length, or at the 200 frames that extraction requires of every model if that is shorter.
     shortest = min(
         num_frames(audio_info(line.split()[1]).frames)
         for line in Path(wav_scp).read_text().splitlines()
     )
-    if not embedder._accepts(shortest):
-        raise SystemExit(f"the model gives no finite embedding for {shortest} frames")
-    embedder._min_frames = shortest
+    probe = min(shortest, 200)
+    if not embedder._accepts(probe):
+        raise SystemExit(f"the model gives no finite embedding for {probe} frames")
+    embedder._min_frames = probe
     return embedder
 
 

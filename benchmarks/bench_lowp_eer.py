@@ -31,22 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from speakerlab.audio import load_audio
 from speakerlab.cpu_inference import CpuTorchEmbedder, bf16_unsupported_reason
 from speakerlab.extract import TorchEmbedder, extract_embeddings, read_embeddings
-from speakerlab.features import fbank
 from speakerlab.onnx_export import OnnxEmbedder, export_onnx
 from speakerlab.pretrained import load_model
-from speakerlab.quantize import quantize_onnx
+from speakerlab.quantize import calibration_features, quantize_onnx
 
 TRIAL_LISTS = ("trials_cross_device", "trials_cross_distance", "trials_cross_dialect")
-
-
-def calibration_features(train_wav_scp: Path, count: int) -> list:
-    """fbank of ``count`` training utterances spread evenly over the list (many speakers)."""
-    paths = [line.split()[1] for line in train_wav_scp.read_text().splitlines() if line.strip()]
-    picks = np.linspace(0, len(paths) - 1, num=min(count, len(paths))).round().astype(int)
-    return [fbank(load_audio(paths[i])) for i in picks]
 
 
 def score(scp: Path, trials: list[Path], out_dir: Path) -> dict[str, dict]:

@@ -9,6 +9,10 @@ PyTorch (:func:`prepare_cpu_model`, :class:`CpuTorchEmbedder`):
 * bfloat16 (``precision="bf16"``) runs the convolutions and matrix products under
   ``torch.autocast``, only on CPUs with bfloat16 instructions.
 
+Memory: glibc's malloc gives large blocks straight from the kernel and returns them on free, so
+each forward pass would fault in its activations (about 100 MB for ERes2Net base on 8 s) as
+fresh zeroed pages; :func:`reuse_freed_memory` makes it keep and reuse them.
+
 Threads: PyTorch's OpenMP threads and ONNX Runtime's pool by default spin while they wait for
 work. On a machine whose cores are shared with other processes a spinning thread takes the core
 from the thread that has work, and a model of hundreds of small operators slows down many
@@ -20,14 +24,16 @@ when PyTorch is imported, so it is set by the command before that) and
 from __future__ import annotations
 
 import copy
+import ctypes
+import sys
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
 
 from speakerlab.errors import ConfigError
 from speakerlab.extract import TorchEmbedder
@@ -40,6 +46,9 @@ _EXAMPLE_FRAMES = 100
 _CHECK_FRAMES = 123
 # The folded model must give the same embeddings as the original to float rounding.
 _FOLD_MIN_COSINE = 0.99999
+# mallopt parameters; the threshold tried first, then glibc's largest allowed mmap threshold.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_BYTES = (1 << 30, 32 << 20)
 
 
 # --------------------------------------------------------------------------- float32
@@ -58,10 +67,22 @@ class _UseCounter(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if not self.inside:
-            for value in pytree.tree_leaves((args, kwargs or {})):
-                if isinstance(value, torch.Tensor) and id(value) in self.watched:
+            for value in _tensors((args, kwargs or {})):
+                if id(value) in self.watched:
                     self.uses[id(value)] += 1
         return func(*args, **(kwargs or {}))
+
+
+def _tensors(value: object) -> Iterator[torch.Tensor]:
+    """The tensors in nested tuples, lists and dicts of function arguments."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
 
 
 def conv_batch_norm_pairs(
@@ -173,6 +194,22 @@ def prepare_cpu_model(model: nn.Module, feat_dim: int | None = None) -> nn.Modul
             stacklevel=2,
         )
     return model.to(memory_format=torch.channels_last)
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc's malloc serve large blocks from its heap and keep freed memory for reuse
+    instead of mapping fresh pages for every large tensor (process-wide; the memory stays
+    with the process). Returns False where the C library has no ``mallopt`` (not glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    for size in _KEEP_BYTES:
+        if mallopt(_M_MMAP_THRESHOLD, size) and mallopt(_M_TRIM_THRESHOLD, size):
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- bfloat16
