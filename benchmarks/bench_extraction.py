@@ -32,10 +32,12 @@ import torch
 
 from speakerlab.audio import load_audio
 from speakerlab.distributed import DistContext
-from speakerlab.extract import TorchEmbedder, extract_embeddings, read_embeddings
+from speakerlab.embedder import DEFAULT_MAX_BATCH_FRAMES, OnnxEmbedder, TorchEmbedder
+from speakerlab.embedding_store import read_embeddings
+from speakerlab.extract import extract_embeddings
 from speakerlab.features import fbank
 from speakerlab.models import build_model
-from speakerlab.onnx_export import OnnxEmbedder, export_onnx
+from speakerlab.onnx_export import export_onnx
 
 MODELS = {
     "eres2net": dict(m_channels=32, embedding_size=512),  # ERes2Net base (released)
@@ -89,6 +91,7 @@ def _rank_worker(
     model_source: str,
     out_dir: str,
     batch_size: int,
+    max_batch_frames: int,
     times: torch.multiprocessing.Queue,
 ) -> None:
     """One of ``world_size`` extraction ranks with one thread each (what torchrun starts)."""
@@ -110,6 +113,7 @@ def _rank_worker(
         embedder,
         out_dir,
         batch_size=batch_size,
+        max_batch_frames=max_batch_frames,
         ranks=DistContext(rank, world_size, 0, torch.device("cpu"), "gloo"),
         progress=False,
     )
@@ -119,7 +123,12 @@ def _rank_worker(
 
 
 def extract_on_ranks(
-    world_size: int, wav_scp: Path, model_source: Path, out_dir: Path, batch_size: int
+    world_size: int,
+    wav_scp: Path,
+    model_source: Path,
+    out_dir: Path,
+    batch_size: int,
+    max_batch_frames: int,
 ) -> float:
     """Wall time of a ``world_size``-rank extraction (ranks started beforehand)."""
     import torch.multiprocessing as mp
@@ -131,7 +140,16 @@ def extract_on_ranks(
     times = context.Queue()
     mp.spawn(
         _rank_worker,
-        args=(world_size, port, str(wav_scp), str(model_source), str(out_dir), batch_size, times),
+        args=(
+            world_size,
+            port,
+            str(wav_scp),
+            str(model_source),
+            str(out_dir),
+            batch_size,
+            max_batch_frames,
+            times,
+        ),
         nprocs=world_size,
     )
     return times.get()
@@ -152,6 +170,12 @@ def main() -> None:
     parser.add_argument("--num-utts", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--max-batch-frames",
+        type=int,
+        default=DEFAULT_MAX_BATCH_FRAMES,
+        help="fbank frames per model call (default %(default)s)",
+    )
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--repeats", type=int, default=1, help="best of this many runs")
@@ -190,6 +214,7 @@ def main() -> None:
                 embedder,
                 out_dir,
                 batch_size=batch_size,
+                max_batch_frames=args.max_batch_frames,
                 num_workers=args.num_workers,
                 progress=False,
             )
@@ -197,7 +222,9 @@ def main() -> None:
 
         def extract_ranks(source):
             out_dir = tmp / f"run_{next(counter)}"
-            seconds = extract_on_ranks(args.ranks, wav_scp, source, out_dir, args.batch_size)
+            seconds = extract_on_ranks(
+                args.ranks, wav_scp, source, out_dir, args.batch_size, args.max_batch_frames
+            )
             return seconds, read_embeddings(out_dir / "embedding.scp")
 
         def plain():

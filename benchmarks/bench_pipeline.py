@@ -6,7 +6,8 @@ in one process with one torch thread, as a DataLoader worker does. Two rates are
 wall-clock second, and per CPU second of the process (what a worker gets from a core of its own;
 steadier when other jobs share the machine). A reference-style pipeline (whole file read, crop,
 scipy convolution, torchaudio's Kaldi fbank) is timed the same way as a baseline on the same
-machine at the same moment.
+machine at the same moment; without torchaudio installed, the baseline computes fbank with
+speakerlab's (the report says which).
 
 Without ``--data_dir`` a small corpus of 8 s utterances is simulated and prepared in a temporary
 folder first. Prints JSON (and writes it to ``--out`` if given).
@@ -15,6 +16,7 @@ folder first. Prints JSON (and writes it to ``--out`` if given).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -77,6 +79,19 @@ def time_items(make_item, num_items: int, warmup: int = 10) -> dict:
     }
 
 
+def baseline_fbank() -> tuple[str, object]:
+    """(name, wav -> mean-normalised fbank): torchaudio's Kaldi fbank if installed."""
+    if importlib.util.find_spec("torchaudio") is None:
+        return "speakerlab", fbank
+    from torchaudio.compliance import kaldi
+
+    def torchaudio_fbank(wav: torch.Tensor) -> torch.Tensor:
+        feats = kaldi.fbank(wav.unsqueeze(0), num_mel_bins=80, dither=0.0)
+        return feats - feats.mean(dim=0, keepdim=True)
+
+    return "torchaudio", torchaudio_fbank
+
+
 class ReferenceStylePipeline:
     """The reference recipe's way, for comparison: read the whole file, crop 3 s, augment with
     ``scipy.signal.convolve`` and whole noise files, fbank with torchaudio's Kaldi fbank."""
@@ -84,6 +99,7 @@ class ReferenceStylePipeline:
     def __init__(self, dataset: TrainDataset, noises: list[str], rirs: list[str]):
         self.dataset, self.noises, self.rirs = dataset, noises, rirs
         self.crop = dataset.crop_samples
+        self.fbank_name, self.fbank = baseline_fbank()
 
     def __call__(self, i: int) -> torch.Tensor:
         index = self.dataset.index
@@ -113,7 +129,7 @@ class ReferenceStylePipeline:
                 noise_db = 10 * np.log10(np.mean(noise**2) + 1e-6)
                 wav = wav + np.sqrt(10 ** ((wav_db - noise_db - snr) / 10)) * noise
                 wav = wav / (np.max(np.abs(wav)) + 1e-6)
-        return fbank(torch.from_numpy(np.asarray(wav, dtype=np.float32)))
+        return self.fbank(torch.from_numpy(np.asarray(wav, dtype=np.float32)))
 
 
 def run(train_dir: Path, noise_list: Path, rir_list: Path, num_items: int) -> dict:
@@ -145,13 +161,15 @@ def run(train_dir: Path, noise_list: Path, rir_list: Path, num_items: int) -> di
     noises = [line.split(maxsplit=1)[1].strip() for line in open(noise_list, encoding="utf-8")]
     rirs = [line.split(maxsplit=1)[1].strip() for line in open(rir_list, encoding="utf-8")]
     random.seed(0)
-    rates = time_items(ReferenceStylePipeline(dataset, noises, rirs), num_items)
+    baseline = ReferenceStylePipeline(dataset, noises, rirs)
+    rates = time_items(baseline, num_items)
     results.append(
         {
             "pipeline": "reference-style",
             "config": "augment",
             "speeds": [1.0],
             "augment_prob": 0.8,
+            "fbank": baseline.fbank_name,
             **rates,
         }
     )

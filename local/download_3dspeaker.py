@@ -29,6 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from speakerlab.errors import DataError, SpeakerlabError
+from speakerlab.fileio import atomic_write, write_text_atomic
 
 CORPUS_URL = "https://speech-lab-share-data.oss-cn-shanghai.aliyuncs.com/3D-Speaker/"
 OPENSLR_URL = "https://www.openslr.org/resources/"
@@ -116,17 +117,14 @@ def md5sum(path: Path) -> str:
 def check_md5(path: Path, expected: str | None) -> None:
     """Raise (and delete ``path``) if its md5 differs from ``expected``.
 
-    A ``<file>.md5ok`` marker newer than the file records a passed check, so reruns do not hash
-    tens of gigabytes again.
+    A ``<file>.md5ok`` marker records a passed check with the file's size, inode and change
+    time (which the kernel sets on every write and no one can set back), so reruns do not hash
+    tens of gigabytes again, while a file written since is hashed again.
     """
     if expected is None:
         return
     marker = path.with_name(path.name + ".md5ok")
-    if (
-        marker.is_file()
-        and marker.stat().st_mtime >= path.stat().st_mtime
-        and marker.read_text().strip() == expected
-    ):
+    if marker.is_file() and marker.read_text().strip() == _checked_line(path, expected):
         return
     actual = md5sum(path)
     if actual != expected:
@@ -135,7 +133,12 @@ def check_md5(path: Path, expected: str | None) -> None:
             f"{path}: md5 {actual} differs from the published {expected}; the file "
             f"was deleted, run again to download it anew"
         )
-    marker.write_text(expected + "\n")
+    write_text_atomic(marker, _checked_line(path, expected) + "\n")
+
+
+def _checked_line(path: Path, md5: str) -> str:
+    stat = path.stat()
+    return f"{md5} size={stat.st_size} inode={stat.st_ino} ctime_ns={stat.st_ctime_ns}"
 
 
 def _open_from(url: str, offset: int, timeout: float):
@@ -218,12 +221,10 @@ def fetch(archive: Archive, download_dir: Path, keep_parts: bool = True) -> Path
         check_md5(dest, archive.md5)
         return dest
     parts = [download(part, download_dir) for part in archive.parts]
-    joined = dest.with_name(dest.name + ".joining")
-    with open(joined, "wb") as out:
+    with atomic_write(dest, "wb") as out:
         for part in parts:
             with open(part, "rb") as f:
                 shutil.copyfileobj(f, out, CHUNK_BYTES)
-    joined.replace(dest)
     check_md5(dest, archive.md5)
     if not keep_parts:
         for part in parts:

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import shutil
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from speakerlab.data.kaldi_dir import read_table, spk2utt_from_utt2spk, write_table
 from speakerlab.errors import DataError, SpeakerlabError
-from speakerlab.fileio import write_text_atomic
+from speakerlab.fileio import write_bytes_atomic
+from speakerlab.trials import read_trials, write_trials
 
 SPLITS = ("train", "test")
 TRIAL_LISTS = ("trials_cross_device", "trials_cross_distance", "trials_cross_dialect")
@@ -33,7 +36,6 @@ METADATA_FILES = (
     + TRIAL_LISTS
 )
 EXCLUDED_DEVICE = "Device09"  # the ARRAY device, left out of training and evaluation
-TRIAL_LABELS = {"target", "nontarget", "1", "0"}
 MUSAN_NOISE_SUBDIR = Path("noise") / "free-sound"
 RIRS_SUBDIR = "real_rirs_isotropic_noises"
 
@@ -81,13 +83,15 @@ def resolve_audio_paths(corpus_dir: Path, split: str, relative: dict[str, str]) 
     base = corpus_dir
     if not (corpus_dir / first).exists() and (corpus_dir / split / first).exists():
         base = corpus_dir / split
-    return {utt: str(base / rel.lstrip("/")) for utt, rel in relative.items()}
+    prefix = f"{base}{os.sep}"  # plain strings: a Path per file costs more than the stat
+    return {utt: prefix + rel.lstrip("/") for utt, rel in relative.items()}
 
 
-def read_utt2info_csv(path: Path) -> dict[str, list[str]]:
-    """``utt -> [other fields]`` from ``<split>_utt2info.csv`` (comma separated; an ``Utt-id``
-    header row is skipped; the 6th field is the dialect name)."""
-    info: dict[str, list[str]] = {}
+def read_utt2info_csv(path: Path) -> dict[str, str]:
+    """``utt -> "spk session device distance dialect"`` from ``<split>_utt2info.csv`` (comma
+    separated; an ``Utt-id`` header row is skipped; the 6th field is the dialect name; spaces
+    inside a field become ``_``, empty fields ``-``)."""
+    info: dict[str, str] = {}
     with open(path, encoding="utf-8-sig", newline="") as f:
         for lineno, row in enumerate(csv.reader(f), 1):
             if not row or (lineno == 1 and row[0].strip().lower() == "utt-id"):
@@ -97,7 +101,9 @@ def read_utt2info_csv(path: Path) -> dict[str, list[str]]:
                     f"{path}:{lineno}: expected at least 6 comma-separated fields "
                     f"(utt, speaker, session, device, distance, dialect), got {len(row)}"
                 )
-            info[row[0].strip()] = [field.strip().replace(" ", "_") or "-" for field in row[1:]]
+            info[row[0].strip()] = " ".join(
+                field.strip().replace(" ", "_") or "-" for field in row[1:]
+            )
     return info
 
 
@@ -122,8 +128,11 @@ def prepare_split(
             f"only in utt2spk: {_examples(only_spk) or 'none'}"
         )
     kept = {utt: rel for utt, rel in relative.items() if EXCLUDED_DEVICE not in utt}
+    num_listed = len(relative)
+    del relative  # the lists of a full corpus take hundreds of MB: keep one copy at a time
     paths = resolve_audio_paths(corpus_dir, split, kept)
-    missing = [path for path in paths.values() if not Path(path).is_file()]
+    del kept
+    missing = [path for path in paths.values() if not os.path.isfile(path)]
     if missing and not skip_missing:
         raise DataError(
             f"{len(missing)} of {len(paths)} {split} audio files listed in "
@@ -148,15 +157,16 @@ def prepare_split(
         )
     utts = sorted(paths)
     kept_utt2spk = {utt: utt2spk[utt] for utt in utts}
+    del utt2spk
     write_table(out_dir / "wav.scp", ((utt, paths[utt]) for utt in utts))
     write_table(out_dir / "utt2spk", kept_utt2spk.items())
     spk2utt = spk2utt_from_utt2spk(kept_utt2spk)
     write_table(out_dir / "spk2utt", ((spk, " ".join(u)) for spk, u in spk2utt.items()))
-    write_table(out_dir / "utt2info", ((utt, *info[utt]) for utt in utts if utt in info))
+    write_table(out_dir / "utt2info", ((utt, info[utt]) for utt in utts if utt in info))
     return SplitSummary(
         num_utts=len(utts),
         num_speakers=len(spk2utt),
-        num_device09=len(relative) - len(kept),
+        num_device09=num_listed - len(utts) - len(missing),
         num_missing=len(missing),
     )
 
@@ -172,39 +182,31 @@ def prepare_trials(corpus_dir: Path, out_dir: Path, test_utts: set[str]) -> dict
     counts = {}
     for name in TRIAL_LISTS:
         src = corpus_dir / "files" / name
-        kept_lines, dropped = [], 0
-        with open(src, encoding="utf-8") as f:
-            lines = f.readlines()
-        for lineno, line in enumerate(lines, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 3 or fields[2] not in TRIAL_LABELS:
+        trials = read_trials(src)
+        known = np.fromiter(
+            (e in test_utts and t in test_utts for e, t in zip(trials.enrol, trials.test)),
+            dtype=bool,
+            count=len(trials),
+        )
+        for i in np.flatnonzero(~known).tolist():
+            unknown = [u for u in (trials.enrol[i], trials.test[i]) if u not in test_utts]
+            if not all(u in listed and EXCLUDED_DEVICE not in u for u in unknown):
                 raise DataError(
-                    f"{src}:{lineno}: expected 'enrol_utt test_utt target|nontarget', "
-                    f"got {line.strip()!r}"
-                )
-            unknown = [u for u in fields[:2] if u not in test_utts]
-            if unknown:
-                if all(u in listed and EXCLUDED_DEVICE not in u for u in unknown):
-                    dropped += 1  # its audio was missing and dropped on request
-                    continue
-                raise DataError(
-                    f"{src}:{lineno}: utterance {unknown[0]} is not in the prepared "
-                    f"test set (not in files/test_wav.scp, or recorded with "
+                    f"{src}:{trials.line_numbers[i]}: utterance {unknown[0]} is not in the "
+                    f"prepared test set (not in files/test_wav.scp, or recorded with "
                     f"{EXCLUDED_DEVICE})"
                 )
-            kept_lines.append(line)
         dest = out_dir / name
-        if dropped:
+        dropped = len(trials) - int(known.sum())
+        if dropped:  # their audio was missing and dropped on request
             print(
                 f"warning: {name}: left out {dropped} trials whose audio is missing",
                 file=sys.stderr,
             )
-            write_text_atomic(dest, "".join(kept_lines))
+            write_trials(dest, trials.subset(known))
         else:
-            shutil.copyfile(src, dest)
-        counts[name] = len(kept_lines)
+            write_bytes_atomic(dest, src.read_bytes())
+        counts[name] = len(trials) - dropped
     return counts
 
 

@@ -16,9 +16,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "export a training checkpoint as a plain embedding-model state_dict"),
     "extract": ("extract", "extract embeddings of a wav.scp into Kaldi ark/scp"),
     "score": ("score", "score trial lists; write score files, results table and DET plot"),
+    "make-trials": ("make_trials", "a balanced trial list from a data dir (held-out speakers)"),
+    "calibrate": ("calibrate", "fit a score-to-log-likelihood-ratio calibration"),
     "verify": ("verify", "are two recordings the same speaker?"),
     "embed": ("embed", "embed audio files or a wav.scp"),
     "export-onnx": ("export_onnx", "export a model to ONNX with dynamic batch and frame axes"),
+    "enroll": ("enroll", "add a speaker's recordings to a speaker database"),
+    "identify": ("identify", "who is speaking? the closest enrolled speakers of each recording"),
+    "db": ("db", "list or remove the speakers of a speaker database"),
 }
 
 

@@ -1,114 +1,95 @@
-"""Whole-utterance embedding extraction of a ``wav.scp`` into Kaldi ark/scp.
+"""Embedding extraction of a ``wav.scp`` into Kaldi ark/scp: sharded, resumable, one run at a time.
 
-Batching rule: a batch only holds utterances with exactly the same number of fbank frames.
-Nothing is padded or cropped, so every embedding equals the one computed for the utterance alone
-(padding would change the statistics pooling). Utterances are sorted by (frames, id) and each run
-of equal frame counts is cut into batches of at most ``batch_size`` utterances and
-``max_batch_frames`` frames; on corpora of fixed-length recordings almost every batch is full.
+Batching rule: a batch only holds utterances with exactly the same number of fbank frames, so
+nothing is padded or cropped and every embedding equals the one computed for the utterance alone.
+Utterances are sorted by (frames, id) and each run of equal frame counts is cut into batches of at
+most ``batch_size`` utterances and ``max_batch_frames`` frames. A recording longer than the window
+(``window_seconds``) is embedded in windows (see :mod:`speakerlab.embedder`), in a batch of its own.
 
-Parallelism: under ``torchrun`` each rank takes every ``world_size``-th batch and writes its own
-part (``parts/part-RRR-of-WWW.{ark,scp}``); rank 0 merges the parts into
-``<out_dir>/embedding.{ark,scp}`` (keys in ``wav.scp`` order) once every rank is done.
+Output folder (a folder of :mod:`speakerlab.embedding_store`: ``embedding.scp`` and the set it
+refers to, written one run at a time under the folder's lock), and while a run goes on::
 
-Resume: parts are appended to batch by batch, the ark flushed before its scp lines, so a complete
-scp line always points at a complete embedding. A restarted run skips every utterance that has a
-complete line in any part (or in an earlier ``embedding.scp``) and goes on with the rest.
+    parts/        one ark and record per rank; removed once merged into the folder's set
+    skipped.txt   utterances that could not be embedded and why (only when there are some)
+    model.onnx    the model exported for the ONNX backend (extract_with_model)
 
-Determinism: the model runs in eval mode under ``torch.inference_mode`` and fbank uses no dither,
-so the same audio always gives the same embedding (to float rounding across batch sizes).
+Resume, keyed on content: the run key is a digest of the embedder's identity (its weights, or the
+bytes of its ONNX file); an utterance counts as done only when a record of the same run key holds
+it with the same path, the same digest of its audio file's bytes and the same windows (a longer or
+shorter window affects only the recordings it cuts differently).
+Anything else is discarded or embedded again, with one log line saying how many and why. Parts are
+written batch by batch, the ark before its record lines, so a complete record line always points
+at a complete embedding; a killed run goes on where it stopped. While a run changes the result,
+``embedding.scp`` is absent: no reader ever sees embeddings of another model or of changed files.
+
+Skips: an utterance found unusable while it is embedded (audio that cannot be read or holds NaN or
+infinite samples, a file changed since the list was read, an embedding that is not finite) is left
+out by name, never written with a bad value; the skips are logged at the end of every run and
+listed in ``skipped.txt``, and are tried again only when the model or the file changes. Problems
+visible in the headers (missing files, unreadable headers, other sample rates, too-short audio)
+stop the run before any work, all listed at once.
 """
 
 from __future__ import annotations
 
-import io
-import warnings
-from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any, TypeVar
 
-import kaldiio
-import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from speakerlab.audio import SAMPLE_RATE, audio_info, load_audio
+from speakerlab.audio import SAMPLE_RATE, audio_info
 from speakerlab.data.kaldi_dir import read_wav_scp
-from speakerlab.distributed import DistContext, barrier, single_process
+from speakerlab.distributed import (
+    DistContext,
+    EveryRankError,
+    all_gather,
+    barrier,
+    run_on_every_rank,
+    single_process,
+)
+from speakerlab.embedder import (
+    DEFAULT_MAX_BATCH_FRAMES,
+    DEFAULT_WINDOW_SECONDS,
+    Embedder,
+    check_window,
+    embed_windowed,
+    load_embedder,
+    nonfinite_rows,
+    window_frames_for,
+    window_shape,
+    windowed_fbank,
+)
+from speakerlab.embedding_store import (
+    SCP_NAME,
+    SET_PREFIX,
+    ArkWriter,
+    committed_set,
+    embedding_set,
+    output_lock,
+    read_entry,
+    read_record,
+    write_record,
+)
 from speakerlab.errors import AudioError, ConfigError, DataError
-from speakerlab.features import fbank, num_frames
+from speakerlab.features import num_frames
+from speakerlab.fileio import file_digest, json_digest, write_text_atomic
+from speakerlab.inference import SpeakerVerifier, prepare_waveform, require_file
 
-EMBEDDING_NAME = "embedding"
+SKIPPED_NAME = "skipped.txt"
 PARTS_DIR = "parts"
-MODEL_TAG_FILE = "model_tag"
+ONNX_NAME = "model.onnx"
 _MAX_LISTED = 10
-_PROBE_MAX_FRAMES = 200  # 2 s: a model that needs more is of no use for verification
+_SCAN_THREADS = 4  # reading headers and hashing files waits on the disk more than on the CPU
 
-
-# --------------------------------------------------------------------------- embedders
-
-
-class Embedder(ABC):
-    """Maps fbank ``(batch, frames, feat_dim)`` to embeddings ``(batch, dim)`` (numpy float32).
-
-    Subclasses implement :meth:`embed_features`; :attr:`min_frames` is the shortest input the
-    model turns into finite embeddings, found once by probing.
-    """
-
-    feat_dim: int = 80
-    _min_frames: int | None = None
-
-    @abstractmethod
-    def embed_features(self, feats: torch.Tensor) -> np.ndarray:
-        """Embeddings ``(batch, dim)`` of fbank ``(batch, frames, feat_dim)``."""
-
-    def __call__(self, feats: torch.Tensor) -> np.ndarray:
-        return self.embed_features(feats)
-
-    def _accepts(self, frames: int) -> bool:
-        probe = torch.randn(1, frames, self.feat_dim, generator=torch.Generator().manual_seed(0))
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # e.g. "degrees of freedom <= 0" from pooling
-                return bool(np.all(np.isfinite(self.embed_features(probe))))
-        except Exception:  # too-short inputs fail inside the model (padding, pooling, reshapes)
-            return False
-
-    @property
-    def min_frames(self) -> int:
-        """Smallest frame count giving a finite embedding (binary search; inputs this short are
-        rejected by every model in the zoo in a way that only depends on the length)."""
-        if self._min_frames is None:
-            if not self._accepts(_PROBE_MAX_FRAMES):
-                raise ConfigError(
-                    f"the model gives no finite embedding even for "
-                    f"{_PROBE_MAX_FRAMES} frames of input"
-                )
-            low, high = 1, _PROBE_MAX_FRAMES  # high is accepted
-            while low < high:
-                middle = (low + high) // 2
-                if self._accepts(middle):
-                    high = middle
-                else:
-                    low = middle + 1
-            self._min_frames = high
-        return self._min_frames
-
-
-class TorchEmbedder(Embedder):
-    """A PyTorch embedding model in eval mode on ``device``."""
-
-    def __init__(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.feat_dim = int(getattr(model, "feat_dim", 80))
-
-    def embed_features(self, feats: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            out = self.model(feats.to(self.device, non_blocking=True))
-        return out.float().cpu().numpy()
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- utterances
@@ -116,67 +97,119 @@ class TorchEmbedder(Embedder):
 
 @dataclass(frozen=True)
 class Utterance:
-    """One ``wav.scp`` entry with its fbank frame count (from the audio header)."""
+    """One ``wav.scp`` entry: its audio file's length (from the header) and content digest, and
+    how it is embedded (``windows`` windows of ``frames`` fbank frames; 1 for a whole one)."""
 
     utt: str
     path: str
-    num_frames: int
+    num_samples: int
+    digest: str
+    windows: int
+    frames: int
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """What its record line says it was made from: the file, its digest, the windows."""
+        return {
+            "path": self.path,
+            "digest": self.digest,
+            "windows": self.windows,
+            "frames": self.frames,
+        }
+
+    def same_input(self, entry: dict[str, Any]) -> bool:
+        """Whether a record entry was made from this very file content at this path, cut into
+        the same windows."""
+        return all(entry.get(key) == value for key, value in self.source.items())
 
 
-def scan_wav_scp(wav_scp: str | Path, min_frames: int = 1) -> list[Utterance]:
-    """Read ``wav.scp`` and every file's header; fail before any work if some file is
-    unreadable, not 16 kHz or shorter than ``min_frames`` frames (all such files are listed)."""
-    table = read_wav_scp(wav_scp)
+def _scan_one(utt: str, path: str, min_frames: int, window_frames: int) -> Utterance | str:
+    """The utterance, or the one-line problem that makes it unusable."""
+    try:
+        require_file(path)
+        info = audio_info(path)
+        digest = file_digest(path)
+    except AudioError as err:
+        return f"{utt}: {err}"
+    except OSError as err:
+        return f"{utt}: {path}: cannot read the file ({err.strerror})"
+    frames = num_frames(info.frames)
+    if info.samplerate != SAMPLE_RATE:
+        return f"{utt}: {path}: sample rate is {info.samplerate} Hz, expected {SAMPLE_RATE} Hz"
+    if info.frames == 0:
+        return f"{utt}: {path}: audio is empty"
+    if frames < min_frames:
+        return (
+            f"{utt}: {path}: {info.frames / SAMPLE_RATE:.3f} s gives {frames} frames, "
+            f"the model needs at least {min_frames}"
+        )
+    windows, window_length = window_shape(info.frames, window_frames)
+    return Utterance(utt, path, info.frames, digest, windows, window_length)
+
+
+def scan_wav_scp(
+    wav_scp: str | Path,
+    min_frames: int = 1,
+    window_frames: int = 10**9,
+    ranks: DistContext | None = None,
+) -> list[Utterance]:
+    """Read ``wav.scp``, every file's header and the digest of every file's bytes (shared out over
+    the ranks); fail before any work if some file is missing, unreadable, not 16 kHz or shorter
+    than ``min_frames`` frames, listing all such files. Every rank gets the same list."""
+    ranks = ranks or single_process()
+    table = run_on_every_rank(ranks, lambda: read_wav_scp(wav_scp))
     if not table:
-        raise DataError(f"{wav_scp}: no utterances")
-    utterances, problems = [], []
-    for utt, path in table.items():
-        try:
-            info = audio_info(path)
-        except AudioError as err:
-            problems.append(f"{utt}: {err}")
-            continue
-        frames = num_frames(info.frames)
-        if info.samplerate != SAMPLE_RATE:
-            problems.append(
-                f"{utt}: {path}: sample rate is {info.samplerate} Hz, expected {SAMPLE_RATE} Hz"
-            )
-        elif info.frames == 0:
-            problems.append(f"{utt}: {path}: audio is empty")
-        elif frames < min_frames:
-            problems.append(
-                f"{utt}: {path}: {info.frames / SAMPLE_RATE:.3f} s gives {frames} "
-                f"frames, the model needs at least {min_frames}"
-            )
-        else:
-            utterances.append(Utterance(utt, path, frames))
+        _fail_alike(ranks, DataError(f"{wav_scp}: no utterances"))
+    entries = list(table.items())
+    mine = entries[ranks.rank :: ranks.world_size]
+    with ThreadPoolExecutor(_SCAN_THREADS) as pool:
+        scanned = list(pool.map(lambda e: _scan_one(*e, min_frames, window_frames), mine))
+    results: list[Utterance | str] = [""] * len(entries)
+    for rank, share in enumerate(all_gather(ranks, scanned)):
+        results[rank :: ranks.world_size] = share
+    problems = [r for r in results if isinstance(r, str)]
     if problems:
-        more = (
-            f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        _fail_alike(
+            ranks,
+            AudioError(
+                f"{wav_scp}: {len(problems)} unusable recording(s):\n  " + _listing(problems)
+            ),
         )
-        raise AudioError(
-            f"{wav_scp}: {len(problems)} unusable recording(s):\n  "
-            + "\n  ".join(problems[:_MAX_LISTED])
-            + more
-        )
-    return utterances
+    return results  # type: ignore[return-value]
+
+
+def _listing(lines: Sequence[str]) -> str:
+    more = f"\n  ... and {len(lines) - _MAX_LISTED} more" if len(lines) > _MAX_LISTED else ""
+    return "\n  ".join(lines[:_MAX_LISTED]) + more
+
+
+def _fail_alike(ranks: DistContext, error: Exception) -> None:
+    """Raise ``error`` that every rank meets alike (printed once per node under torchrun)."""
+    if ranks.distributed:
+        raise EveryRankError(str(error)) from None
+    raise error
 
 
 def make_batches(
     utterances: Sequence[Utterance], batch_size: int, max_batch_frames: int
 ) -> list[list[Utterance]]:
-    """Batches of utterances with identical frame counts (see the module docstring)."""
+    """Batches of whole utterances with identical frame counts; an utterance embedded in windows
+    makes a batch of its own (see the module docstring)."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    ordered = sorted(utterances, key=lambda u: (u.num_frames, u.utt))
+    if max_batch_frames < 1:
+        raise ConfigError(f"the batch frame limit must be at least 1, got {max_batch_frames}")
+    ordered = sorted(utterances, key=lambda u: (u.frames, u.windows, u.utt))
     batches: list[list[Utterance]] = []
     for utt in ordered:
         current = batches[-1] if batches else None
         fits = (
             current is not None
-            and current[0].num_frames == utt.num_frames
+            and utt.windows == 1
+            and current[0].windows == 1
+            and current[0].frames == utt.frames
             and len(current) < batch_size
-            and (len(current) + 1) * utt.num_frames <= max_batch_frames
+            and (len(current) + 1) * utt.frames <= max_batch_frames
         )
         if fits:
             current.append(utt)
@@ -186,126 +219,181 @@ def make_batches(
 
 
 class BatchFeatures(Dataset):
-    """Dataset of whole batches: item ``i`` is (utterance ids, fbank ``(batch, frames, bins)``)."""
+    """Dataset of whole batches: item ``i`` is ([(utt, window fbank)], [(utt, why skipped)])."""
 
-    def __init__(self, batches: Sequence[Sequence[Utterance]], num_mel_bins: int = 80) -> None:
+    def __init__(
+        self, batches: Sequence[Sequence[Utterance]], feat_dim: int, window_frames: int
+    ) -> None:
         self.batches = batches
-        self.num_mel_bins = num_mel_bins
+        self.feat_dim = feat_dim
+        self.window_frames = window_frames
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, index: int) -> tuple[list[str], torch.Tensor]:
-        feats = []
+    def __getitem__(
+        self, index: int
+    ) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, str]]]:
+        loaded, skipped = [], []
         for utt in self.batches[index]:
-            feat = fbank(load_audio(utt.path), num_mel_bins=self.num_mel_bins)
-            if feat.shape[0] != utt.num_frames:  # a header that lies about the length
-                raise AudioError(
-                    f"{utt.path}: header promises {utt.num_frames} frames, the "
-                    f"audio gives {feat.shape[0]}"
-                )
-            feats.append(feat)
-        return [u.utt for u in self.batches[index]], torch.stack(feats)
+            try:
+                wav = prepare_waveform(utt.path)
+                if wav.numel() != utt.num_samples:
+                    raise AudioError(
+                        f"{utt.path}: the file changed while the run went on (it had "
+                        f"{utt.num_samples} samples when the list was read, now {wav.numel()})"
+                    )
+                loaded.append((utt.utt, windowed_fbank(wav, self.window_frames, self.feat_dim)))
+            except AudioError as err:
+                skipped.append((utt.utt, str(err)))
+        return loaded, skipped
 
 
-# --------------------------------------------------------------------------- ark/scp parts
+# --------------------------------------------------------------------------- the folder's state
 
 
-def complete_scp_lines(path: Path) -> list[str]:
-    """Lines of an scp that were written completely (newline-terminated ``key ark:offset``)."""
-    if not path.is_file():
+def _records(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob("embedding.*.jsonl")) + sorted(
+        (out_dir / PARTS_DIR).glob("part-*.jsonl")
+    )
+
+
+def _stored(
+    out_dir: Path, utterances: Sequence[Utterance], run_key: str
+) -> tuple[dict[str, tuple[Path, dict]], int, set[str]]:
+    """(utt -> (ark, entry) of every valid stored result, embeddings of other run keys,
+    utterances whose stored result was made from another path or content)."""
+    current = {u.utt: u for u in utterances}
+    valid: dict[str, tuple[Path, dict]] = {}
+    other_runs, changed = 0, set()
+    for record in _records(out_dir):
+        run, entries = read_record(record)
+        if run != run_key:
+            other_runs += sum("start" in e for e in entries)
+            continue
+        for entry in entries:
+            utt = current.get(entry["utt"])
+            if utt is None:
+                continue
+            if utt.same_input(entry):
+                valid[utt.utt] = (record.with_suffix(".ark"), entry)
+            else:
+                changed.add(utt.utt)
+    return valid, other_runs, changed - valid.keys()
+
+
+def _up_to_date(out_dir: Path, utterances: Sequence[Utterance], run_key: str) -> bool:
+    """Whether ``embedding.scp`` already is the result for exactly these utterances."""
+    set_id = committed_set(out_dir)
+    if set_id is None or (out_dir / PARTS_DIR).exists():
+        return False
+    run, entries = read_record(out_dir / f"{SET_PREFIX}{set_id}.jsonl")
+    return (
+        run == run_key
+        and len(entries) == len(utterances)
+        and all(u.utt == e["utt"] and u.same_input(e) for u, e in zip(utterances, entries))
+    )
+
+
+def prepare(out_dir: Path, utterances: Sequence[Utterance], run_key: str) -> list[Utterance]:
+    """What is left to embed. Withdraws ``embedding.scp`` if it is not the final result for
+    these utterances, and removes the records and arks of other run keys (rank 0, locked)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if _up_to_date(out_dir, utterances, run_key):
+        log.info(
+            "nothing to do: all %d utterances are done in %s", len(utterances), out_dir / SCP_NAME
+        )
         return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")[:-1]  # the piece after the last newline is unfinished
-    return [line for line in lines if len(line.split()) == 2 and ":" in line.split()[1]]
+    (out_dir / SCP_NAME).unlink(missing_ok=True)
+    valid, other_runs, changed = _stored(out_dir, utterances, run_key)
+    if other_runs:
+        log.info("model changed: discarding %d embeddings made with another model", other_runs)
+    for record in _records(out_dir):
+        if read_record(record)[0] != run_key:
+            record.unlink()
+            record.with_suffix(".ark").unlink(missing_ok=True)
+    if changed:
+        log.info("%d entries changed path/content/windows: re-embedding them", len(changed))
+    todo = [u for u in utterances if u.utt not in valid]
+    if valid:
+        log.info("resuming: %d of %d utterances already done", len(valid), len(utterances))
+    return todo
 
 
-def finished_utterances(out_dir: Path) -> set[str]:
-    """Utterances with an embedding in the merged scp or a complete line of any part."""
-    done = {line.split()[0] for line in complete_scp_lines(out_dir / f"{EMBEDDING_NAME}.scp")}
-    for scp in sorted((out_dir / PARTS_DIR).glob("part-*.scp")):
-        done.update(line.split()[0] for line in complete_scp_lines(scp))
-    return done
-
-
-class PartWriter:
-    """Appends embeddings to this rank's ark/scp part; flushes the ark before the scp so a
-    complete scp line always refers to a complete ark entry."""
-
-    def __init__(self, out_dir: Path, rank: int, world_size: int) -> None:
-        parts = out_dir / PARTS_DIR
-        parts.mkdir(parents=True, exist_ok=True)
-        stem = parts / f"part-{rank:03d}-of-{world_size:03d}"
-        self.ark_path = str(stem.with_suffix(".ark").resolve())  # absolute: scp lines name it
-        self.scp_path = stem.with_suffix(".scp")
-        self._drop_unfinished_scp_line()
-        self._ark = open(self.ark_path, "ab")
-        self._scp = open(self.scp_path, "a", encoding="utf-8")
-
-    def _drop_unfinished_scp_line(self) -> None:
-        """Cut an scp interrupted mid-line back to its last complete line (the ark may keep
-        a partial entry at its end: nothing points to it and appends go after it)."""
-        if self.scp_path.is_file():
-            data = self.scp_path.read_bytes()
-            self.scp_path.write_bytes(data[: data.rfind(b"\n") + 1])
-
-    def write(self, utts: Sequence[str], embeddings: np.ndarray) -> None:
-        scp_lines = io.StringIO()
-        kaldiio.save_ark(self._ark, {u: e for u, e in zip(utts, embeddings)}, scp=scp_lines)
-        self._ark.flush()
-        self._scp.write(scp_lines.getvalue())
-        self._scp.flush()
-
-    def close(self) -> None:
-        self._ark.close()
-        self._scp.close()
-
-
-def merge_parts(out_dir: Path, keys: Sequence[str]) -> Path:
-    """Write ``embedding.{ark,scp}`` with ``keys`` in order from the parts and any earlier
-    merged file, replace the old files atomically and delete the parts."""
-    sources: dict[str, str] = {}
-    old_scp = out_dir / f"{EMBEDDING_NAME}.scp"
-    part_scps = sorted((out_dir / PARTS_DIR).glob("part-*.scp"))
-    for scp in [old_scp, *part_scps]:
-        for line in complete_scp_lines(scp):
-            key, location = line.split()
-            sources[key] = location
-    missing = [k for k in keys if k not in sources]
+def merge(out_dir: Path, utterances: Sequence[Utterance], run_key: str) -> list[str]:
+    """Write the final set (wav.scp order) from the stored results and commit it; returns the
+    skipped utterances as ``"utt: reason"`` lines."""
+    valid, _, _ = _stored(out_dir, utterances, run_key)
+    missing = [u.utt for u in utterances if u.utt not in valid]
     if missing:
         raise DataError(
-            f"{out_dir}: {len(missing)} utterance(s) have no embedding after "
-            f"extraction, e.g. {missing[:_MAX_LISTED]}"
+            f"{out_dir}: {len(missing)} utterance(s) have no embedding after extraction, "
+            f"e.g. {missing[:_MAX_LISTED]}"
         )
-    ark = (out_dir / f"{EMBEDDING_NAME}.ark").resolve()
-    tmp_ark, tmp_scp = ark.with_name(ark.name + ".tmp"), old_scp.with_name(old_scp.name + ".tmp")
-    scp_lines = []
-    with open(tmp_ark, "wb") as ark_file:
-        for key in keys:
-            vector = kaldiio.load_mat(sources[key])
-            # An ark entry is "<key> <binary matrix>": the scp offset points just past the space.
-            scp_lines.append(f"{key} {ark}:{ark_file.tell() + len(key.encode()) + 1}\n")
-            kaldiio.save_ark(ark_file, {key: vector})
-    tmp_scp.write_text("".join(scp_lines), encoding="utf-8")
-    tmp_ark.replace(ark)
-    tmp_scp.replace(old_scp)
-    for scp in part_scps:
-        scp.with_suffix(".ark").unlink(missing_ok=True)
-        scp.unlink()
-    if (out_dir / PARTS_DIR).is_dir() and not any((out_dir / PARTS_DIR).iterdir()):
-        (out_dir / PARTS_DIR).rmdir()
-    return old_scp
+    skipped = [
+        f"{u.utt}: {valid[u.utt][1]['skipped']}" for u in utterances if "skipped" in valid[u.utt][1]
+    ]
+    if len(skipped) == len(utterances):
+        _write_skipped(out_dir, skipped)
+        raise AudioError(f"no utterance could be embedded (see {out_dir / SKIPPED_NAME})")
+    with contextlib.ExitStack() as stack, embedding_set(out_dir, run_key) as writer:
+        handles: dict[Path, IO[bytes]] = {}
+        for utt in utterances:
+            ark, entry = valid[utt.utt]
+            if "skipped" in entry:
+                writer.add_skipped(utt.utt, entry["skipped"], **utt.source)
+                continue
+            if ark not in handles:
+                handles[ark] = stack.enter_context(open(ark, "rb"))
+            writer.add(utt.utt, read_entry(handles[ark], utt.utt, entry["start"]), **utt.source)
+    _remove_parts(out_dir)
+    return skipped
+
+
+def _remove_parts(out_dir: Path) -> None:
+    """Remove the parts (records first: a record must never outlive its ark); under the lock."""
+    parts = out_dir / PARTS_DIR
+    if parts.is_dir():
+        for path in [*sorted(parts.glob("*.jsonl")), *sorted(parts.glob("*.ark"))]:
+            path.unlink()
+        parts.rmdir()
+
+
+def skipped_in_committed(out_dir: Path) -> list[str]:
+    """The ``"utt: reason"`` lines of the committed set's skipped utterances."""
+    set_id = committed_set(out_dir)
+    if set_id is None:
+        return []
+    _, entries = read_record(out_dir / f"{SET_PREFIX}{set_id}.jsonl")
+    return [f"{e['utt']}: {e['skipped']}" for e in entries if "skipped" in e]
+
+
+def _write_skipped(out_dir: Path, skipped: Sequence[str]) -> None:
+    path = out_dir / SKIPPED_NAME
+    if skipped:
+        write_text_atomic(path, "".join(f"{line}\n" for line in skipped))
+        log.warning(
+            "skipped %d utterance(s), listed in %s:\n  %s", len(skipped), path, _listing(skipped)
+        )
+    else:
+        path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- extraction
 
 
+def _on_main(ranks: DistContext, step: Callable[[], T]) -> T:
+    """Run ``step`` on rank 0 only; every rank gets its result, or raises its error."""
+    result = run_on_every_rank(ranks, lambda: step() if ranks.is_main else None)
+    return all_gather(ranks, result)[0]
+
+
 def iterate_batches(
-    batches: Sequence[Sequence[Utterance]], num_mel_bins: int, num_workers: int
-) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """(ids, fbank batch) in order; audio reading and fbank run in ``num_workers`` processes."""
+    batches: Sequence[Sequence[Utterance]], feat_dim: int, window_frames: int, num_workers: int
+) -> Iterator[tuple[list[tuple[str, torch.Tensor]], list[tuple[str, str]]]]:
+    """The loaded batches in order; audio reading and fbank run in ``num_workers`` processes."""
     loader = DataLoader(
-        BatchFeatures(batches, num_mel_bins),
+        BatchFeatures(batches, feat_dim, window_frames),
         batch_size=None,
         shuffle=False,
         num_workers=num_workers,
@@ -314,19 +402,54 @@ def iterate_batches(
     yield from loader
 
 
-def check_model_tag(out_dir: Path, model_tag: str) -> bool:
-    """Refuse to resume ``out_dir`` with another model than the one that started it (the
-    embeddings of two models must never be mixed). True when no tag is recorded yet."""
-    tag_file = out_dir / MODEL_TAG_FILE
-    if not tag_file.is_file():
-        return True
-    recorded = tag_file.read_text(encoding="utf-8").strip()
-    if recorded != model_tag:
-        raise ConfigError(
-            f"{out_dir} holds embeddings of model {recorded!r}, not {model_tag!r}; "
-            "use another output directory or delete it"
-        )
-    return False
+@contextlib.contextmanager
+def part_writer(out_dir: Path, ranks: DistContext, run_key: str) -> Iterator[ArkWriter]:
+    """This rank's part, continued after its last complete record line (a torn ark tail that
+    no record line refers to is cut off)."""
+    parts = out_dir / PARTS_DIR
+    parts.mkdir(parents=True, exist_ok=True)
+    stem = parts / f"part-{ranks.rank:03d}-of-{ranks.world_size:03d}"
+    ark_path, record_path = stem.with_suffix(".ark"), stem.with_suffix(".jsonl")
+    end, entries = 0, []
+    if record_path.is_file():  # left by a killed run (those of other run keys are removed)
+        run, entries = read_record(record_path)
+        if run == run_key:
+            end = max((e["end"] for e in entries if "end" in e), default=0)
+        else:
+            entries = []
+    write_record(record_path, run_key, entries)  # its readable lines only: appends stay readable
+    with open(ark_path, "r+b" if ark_path.is_file() else "wb") as ark:
+        ark.seek(end)
+        ark.truncate()
+        with open(record_path, "a", encoding="utf-8") as record:
+            yield ArkWriter(ark, record)
+
+
+def _embed_share(
+    batches: Sequence[Sequence[Utterance]],
+    embedder: Embedder,
+    writer: ArkWriter,
+    window_frames: int,
+    max_batch_frames: int,
+    num_workers: int,
+    bar: tqdm,
+) -> None:
+    """Embed this rank's batches into its part, skipping unusable utterances by name."""
+    by_id = {u.utt: u for batch in batches for u in batch}
+    for loaded, skipped in iterate_batches(batches, embedder.feat_dim, window_frames, num_workers):
+        for utt, reason in skipped:
+            writer.add_skipped(utt, reason, **by_id[utt].source)
+        if loaded:
+            matrix = embed_windowed(embedder, [w for _, w in loaded], max_batch_frames)
+            bad = set(nonfinite_rows(matrix))
+            for row, (utt, _) in enumerate(loaded):
+                if row in bad:
+                    reason = f"{by_id[utt].path}: the model gave a non-finite embedding"
+                    writer.add_skipped(utt, reason, **by_id[utt].source)
+                else:
+                    writer.add(utt, matrix[row], **by_id[utt].source)
+        writer.flush()
+        bar.update(len(loaded) + len(skipped))
 
 
 def extract_embeddings(
@@ -335,63 +458,124 @@ def extract_embeddings(
     out_dir: str | Path,
     *,
     batch_size: int = 16,
-    max_batch_frames: int = 16000,
+    max_batch_frames: int = DEFAULT_MAX_BATCH_FRAMES,
+    window_seconds: float = DEFAULT_WINDOW_SECONDS,
     num_workers: int = 0,
     ranks: DistContext | None = None,
     progress: bool = True,
-    model_tag: str | None = None,
+    lock_wait_seconds: float = 0.0,
 ) -> Path:
-    """Embed every utterance of ``wav_scp`` into ``<out_dir>/embedding.scp`` (+ ``.ark``).
+    """Embed every utterance of ``wav_scp`` into ``<out_dir>/embedding.scp`` (see the module
+    docstring) and return that path.
 
-    Resumes an interrupted run in ``out_dir``; ``model_tag`` (e.g. the model's path) guards
-    against resuming with a different model. Under torchrun pass the context of
-    :func:`speakerlab.distributed.init_distributed`; every
-    rank must call this with the same arguments. Returns the path of ``embedding.scp``.
+    Resumes what an earlier run of the same model left in ``out_dir``. Under torchrun pass the
+    context of :func:`speakerlab.distributed.init_distributed`; every rank must call this with
+    the same arguments.
     """
     ranks = ranks or single_process()
     out_dir = Path(out_dir)
-    utterances = scan_wav_scp(wav_scp, embedder.min_frames)
-    keys = [u.utt for u in utterances]
+    window_frames = window_frames_for(window_seconds)
+    check_window(window_frames, embedder.min_frames)
+    run_key = json_digest({"embedder": embedder.identity})
+    with output_lock(out_dir, ranks, lock_wait_seconds):
+        utterances = scan_wav_scp(wav_scp, embedder.min_frames, window_frames, ranks)
+        todo = _on_main(ranks, lambda: prepare(out_dir, utterances, run_key))
+        mine = make_batches(todo, batch_size, max_batch_frames)[ranks.rank :: ranks.world_size]
+        if mine:
+            total = sum(map(len, mine))
+            with (
+                part_writer(out_dir, ranks, run_key) as writer,
+                tqdm(
+                    total=total,
+                    unit="utt",
+                    desc="extract",
+                    disable=not (progress and ranks.is_main),
+                    dynamic_ncols=True,
+                ) as bar,
+            ):
+                _embed_share(
+                    mine, embedder, writer, window_frames, max_batch_frames, num_workers, bar
+                )
+        barrier(ranks)
+        _on_main(ranks, lambda: _finish(out_dir, utterances, run_key, merge_needed=bool(todo)))
+    return out_dir / SCP_NAME
 
-    # Every rank reads the finished set before any rank writes, so all shard the same list.
-    new_tag = model_tag is not None and check_model_tag(out_dir, model_tag)
-    done = finished_utterances(out_dir)
-    barrier(ranks)
-    if new_tag and ranks.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / MODEL_TAG_FILE).write_text(f"{model_tag}\n", encoding="utf-8")
-    todo = [u for u in utterances if u.utt not in done]
-    my_batches = make_batches(todo, batch_size, max_batch_frames)[ranks.rank :: ranks.world_size]
 
-    if my_batches:
-        writer = PartWriter(out_dir, ranks.rank, ranks.world_size)
-        bar = tqdm(
-            total=sum(map(len, my_batches)),
-            unit="utt",
-            desc="extract",
-            disable=not (progress and ranks.is_main),
-            dynamic_ncols=True,
+def _finish(
+    out_dir: Path, utterances: Sequence[Utterance], run_key: str, merge_needed: bool
+) -> None:
+    if merge_needed or not _up_to_date(out_dir, utterances, run_key):
+        merge(out_dir, utterances, run_key)
+    _write_skipped(out_dir, skipped_in_committed(out_dir))
+
+
+def extract_with_model(
+    source: str | Path,
+    wav_scp: str | Path,
+    out_dir: str | Path,
+    *,
+    backend: str = "auto",
+    device: str | torch.device = "cpu",
+    ranks: DistContext | None = None,
+    lock_wait_seconds: float = 0.0,
+    **options: Any,
+) -> Path:
+    """:func:`extract_embeddings` with the model ``source`` (registry id, checkpoint or .onnx
+    file). With the ONNX backend a checkpoint is exported to ``<out_dir>/model.onnx`` first
+    (unless it holds that export already), inside the folder's lock."""
+    ranks = ranks or single_process(device)
+    with output_lock(out_dir, ranks, lock_wait_seconds):
+        embedder, _ = load_embedder(
+            source, ranks.device, backend=backend, onnx_path=Path(out_dir) / ONNX_NAME, ranks=ranks
         )
-        try:
-            for utts, feats in iterate_batches(my_batches, embedder.feat_dim, num_workers):
-                writer.write(utts, embedder(feats))
-                bar.update(len(utts))
-        finally:
-            writer.close()
-            bar.close()
-
-    barrier(ranks)
-    scp = out_dir / f"{EMBEDDING_NAME}.scp"
-    if ranks.is_main and (todo or _scp_keys(scp) != keys):
-        merge_parts(out_dir, keys)
-    barrier(ranks)
-    return scp
+        return extract_embeddings(wav_scp, embedder, out_dir, ranks=ranks, **options)
 
 
-def _scp_keys(scp: Path) -> list[str]:
-    return [line.split()[0] for line in complete_scp_lines(scp)]
+# --------------------------------------------------------------------------- embed (any audio)
 
 
-def read_embeddings(scp: str | Path) -> dict[str, np.ndarray]:
-    """All embeddings of an scp, in file order."""
-    return {key: np.asarray(vector) for key, vector in kaldiio.load_scp_sequential(str(scp))}
+def keys_for_files(paths: Sequence[str | Path]) -> dict[str, str]:
+    """Key -> path for audio files: the file name without extension, each run of whitespace
+    replaced by ``_`` (a key holds no whitespace); two files with one key are an error."""
+    table: dict[str, str] = {}
+    for path in paths:
+        key = "_".join(Path(path).stem.split()) or "_"
+        if key in table:
+            raise ConfigError(
+                f"{table[key]} and {path} would both be called {key!r}; "
+                "give them ids with a wav.scp"
+            )
+        table[key] = str(path)
+    return table
+
+
+def embed_recordings(
+    verifier: SpeakerVerifier,
+    recordings: dict[str, str],
+    out_dir: str | Path,
+    *,
+    normalize: bool = False,
+    chunk: int = 64,
+) -> tuple[Path, int]:
+    """Embed ``key -> audio file`` (any rate, any channels) into ``<out_dir>/embedding.scp``.
+
+    Every file is checked (present, readable, long enough) before anything is written; the new
+    set replaces the folder's old one only when every recording is embedded, so a bad input
+    leaves the earlier results as they were. Returns the scp and the embedding dimension.
+    """
+    if not recordings:
+        raise ConfigError("no recordings to embed")
+    verifier.check_files(list(recordings.values()))
+    out_dir = Path(out_dir)
+    keys = list(recordings)
+    with output_lock(out_dir):
+        with embedding_set(out_dir, run_key=None) as writer:
+            for start in range(0, len(keys), chunk):
+                part = keys[start : start + chunk]
+                matrix = verifier.embed_many([recordings[k] for k in part], normalize=normalize)
+                for key, vector in zip(part, matrix):
+                    writer.add(key, vector, path=recordings[key])
+                writer.flush()
+        _remove_parts(out_dir)  # what an extraction left here belongs to the replaced set
+        (out_dir / SKIPPED_NAME).unlink(missing_ok=True)
+    return out_dir / SCP_NAME, matrix.shape[1]

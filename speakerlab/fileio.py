@@ -26,11 +26,12 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
-
-import torch
+from typing import IO, TYPE_CHECKING, Any
 
 from speakerlab.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where tensors are hashed: scoring never needs it
+    import torch
 
 _CHUNK = 1 << 20
 
@@ -164,6 +165,8 @@ def file_digest(path: str | Path) -> str:
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over the names, dtypes, shapes and values of a state dict (hex): equal for equal
     weights whichever file or container they came in."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()

@@ -13,11 +13,19 @@ to [-1, 1]. Unreadable, empty and too-short audio raise :class:`AudioError`.
 The model is a registry id (downloaded with ``modelscope``), a checkpoint file (ours or a
 released one) or an exported ``.onnx`` file (run with ONNX Runtime). The decision threshold is
 the registry's for released models and the one stored in an ONNX file exported from them; for
-other checkpoints no threshold is known and :meth:`SpeakerVerifier.verify` needs one.
+other checkpoints no threshold is known and :meth:`SpeakerVerifier.verify` needs one. A checkpoint
+that carries a calibration (``speakerlab calibrate --model-out``) decides on the calibrated
+log-likelihood ratio instead, at the calibration's p_target, unless a threshold is given.
+
+Recordings longer than ``window_seconds`` (60 s by default) are embedded in windows whose
+embeddings are averaged (see :mod:`speakerlab.embedder`), so memory does not grow with the length
+of a recording beyond its samples. Audio that is not finite, and an embedding that is not finite,
+raise :class:`AudioError` naming the input: nothing non-finite is ever returned.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,20 +33,49 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchaudio.functional
 
-from speakerlab.audio import SAMPLE_RATE, read_audio
-from speakerlab.distributed import resolve_device
+from speakerlab.audio import SAMPLE_RATE, audio_info, check_finite, read_audio
+from speakerlab.calibration import Calibration, read_model_calibration
+from speakerlab.embedder import (
+    DEFAULT_MAX_BATCH_FRAMES,
+    DEFAULT_WINDOW_SECONDS,
+    Embedder,
+    check_window,
+    embed_windowed,
+    load_embedder,
+    nonfinite_rows,
+    window_frames_for,
+    windowed_fbank,
+)
 from speakerlab.errors import AudioError, ConfigError
-from speakerlab.extract import Embedder, TorchEmbedder
-from speakerlab.features import FRAME_LENGTH_MS, FRAME_SHIFT_MS, fbank, num_frames
+from speakerlab.features import FRAME_LENGTH_MS, FRAME_SHIFT_MS, num_frames
+from speakerlab.fileio import file_digest
+from speakerlab.resample import resample
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "SpeakerVerifier",
+    "Verification",
+    "embed",
+    "load_embedder",
+    "prepare_waveform",
+    "verify",
+]
 
 AudioInput = str | Path | np.ndarray | torch.Tensor
 DEFAULT_MODEL = "iic/speech_eres2net_base_sv_zh-cn_3dspeaker_16k"
-_BATCH_SIZE = 16
 
 
 # --------------------------------------------------------------------------- audio
+
+
+def require_file(path: str | Path) -> None:
+    """Say plainly when an input file is missing (the audio library says "System error")."""
+    path = Path(path)
+    if not path.exists():
+        raise AudioError(f"{path}: file not found")
+    if path.is_dir():
+        raise AudioError(f"{path}: is a directory, not an audio file")
 
 
 def _describe(audio: AudioInput, position: int | None) -> str:
@@ -74,9 +111,14 @@ def _mono(samples: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
 def prepare_waveform(
     audio: AudioInput, sample_rate: int | None = None, position: int | None = None
 ) -> torch.Tensor:
-    """A 1-D float32 16 kHz waveform from a path, array or tensor (see the module docstring)."""
+    """A 1-D float32 16 kHz waveform from a path, array or tensor (see the module docstring).
+
+    The one check of audio for every command that embeds (verify, embed, extract): empty audio and
+    audio holding NaN or infinite samples raise :class:`AudioError`.
+    """
     name = _describe(audio, position)
     if isinstance(audio, (str, Path)):
+        require_file(audio)
         samples, rate = read_audio(audio)  # files carry their own rate; sample_rate is for arrays
         wav = torch.from_numpy(np.ascontiguousarray(samples))
     elif isinstance(audio, (np.ndarray, torch.Tensor)):
@@ -91,10 +133,9 @@ def prepare_waveform(
         )
     if wav.numel() == 0:
         raise AudioError(f"{name}: audio is empty")
-    if not torch.isfinite(wav).all():
-        raise AudioError(f"{name}: audio contains NaN or infinite samples")
+    check_finite(wav, name)  # files are checked on reading; arrays and tensors here
     if rate != SAMPLE_RATE:
-        wav = torchaudio.functional.resample(wav, rate, SAMPLE_RATE)
+        wav = resample(wav, rate, SAMPLE_RATE)
     return wav
 
 
@@ -103,46 +144,56 @@ def min_seconds(min_frames: int) -> float:
     return (FRAME_LENGTH_MS + (min_frames - 1) * FRAME_SHIFT_MS) / 1000.0
 
 
-# --------------------------------------------------------------------------- models
+def too_short(name: str, num_samples: int, min_frames: int) -> str | None:
+    """The complaint about ``num_samples`` 16 kHz samples if the model needs more, else None."""
+    if num_frames(num_samples) >= min_frames:
+        return None
+    return (
+        f"{name}: {num_samples / SAMPLE_RATE:.3f} s of audio is too short; the model needs at "
+        f"least {min_seconds(min_frames):.3f} s ({min_frames} frames)"
+    )
 
 
-def load_embedder(
-    source: str | Path, device: str | torch.device = "cpu"
-) -> tuple[Embedder, float | None]:
-    """An embedder and its known decision threshold (or None) for a registry id, a checkpoint
-    file or an ``.onnx`` file."""
-    device = resolve_device(device) if isinstance(device, str) else device
-    if str(source).endswith(".onnx"):
-        from speakerlab.onnx_export import OnnxEmbedder
-
-        if device.type != "cpu":
-            raise ConfigError(f"{source}: ONNX models run on the CPU here, not on {device}")
-        embedder = OnnxEmbedder(source)
-        return embedder, embedder.metadata.get("threshold")
-    from speakerlab.pretrained import load_model
-
-    loaded = load_model(source)
-    return TorchEmbedder(loaded.model, device), loaded.threshold
+# --------------------------------------------------------------------------- verification
 
 
 @dataclass(frozen=True)
 class Verification:
-    """Cosine score of a pair and the decision at ``threshold`` (same speaker when >=)."""
+    """Cosine score of a pair and the decision at ``threshold`` (same speaker when >=). With a
+    calibration, ``llr`` is the pair's log-likelihood ratio, which decides, and ``threshold`` the
+    score at which it would reach the calibration's threshold."""
 
     score: float
     threshold: float
     same_speaker: bool
+    llr: float | None = None
 
 
 class SpeakerVerifier:
-    """Embeds recordings and compares them by cosine similarity."""
+    """Embeds recordings and compares them by cosine similarity.
+
+    ``window_seconds``: recordings longer than this are embedded in windows (see the module
+    docstring); ``max_batch_frames``: the most fbank frames given to the model at once (memory).
+    """
 
     def __init__(
-        self, embedder: Embedder, threshold: float | None = None, source: str = "model"
+        self,
+        embedder: Embedder,
+        threshold: float | None = None,
+        source: str = "model",
+        calibration: Calibration | None = None,
+        *,
+        window_seconds: float = DEFAULT_WINDOW_SECONDS,
+        max_batch_frames: int = DEFAULT_MAX_BATCH_FRAMES,
     ) -> None:
+        if max_batch_frames < 1:
+            raise ConfigError(f"max_batch_frames must be at least 1, got {max_batch_frames}")
         self.embedder = embedder
         self.threshold = threshold
         self.source = source
+        self.calibration = calibration
+        self.window_frames = window_frames_for(window_seconds)
+        self.max_batch_frames = max_batch_frames
 
     @classmethod
     def load(
@@ -151,26 +202,59 @@ class SpeakerVerifier:
         *,
         threshold: float | None = None,
         device: str = "cpu",
+        window_seconds: float = DEFAULT_WINDOW_SECONDS,
+        max_batch_frames: int = DEFAULT_MAX_BATCH_FRAMES,
     ) -> SpeakerVerifier:
-        """Load a registry id, checkpoint or ONNX file; ``threshold`` overrides the model's."""
+        """Load a registry id, checkpoint or ONNX file; ``threshold`` overrides the model's
+        threshold and calibration."""
         embedder, known_threshold = load_embedder(source, device)
-        return cls(embedder, known_threshold if threshold is None else threshold, str(source))
+        windows = {"window_seconds": window_seconds, "max_batch_frames": max_batch_frames}
+        if threshold is not None:
+            return cls(embedder, threshold, str(source), **windows)
+        calibration = read_model_calibration(source)
+        return cls(embedder, known_threshold, str(source), calibration, **windows)
 
     # ----------------------------------------------------------------- embeddings
 
-    def features(
+    @property
+    def min_frames(self) -> int:
+        """The shortest input the model accepts, in fbank frames (checked against the window)."""
+        needed = self.embedder.min_frames
+        check_window(self.window_frames, needed)
+        return needed
+
+    def check_files(self, paths: Sequence[str | Path]) -> None:
+        """Check every file from its header (present, readable, long enough) and raise one
+        :class:`AudioError` listing all the problems: nothing is embedded before that."""
+        problems = []
+        for path in paths:
+            try:
+                require_file(path)
+                info = audio_info(path)
+            except AudioError as err:
+                problems.append(str(err))
+                continue
+            samples_16k = math.ceil(info.frames * SAMPLE_RATE / info.samplerate)
+            complaint = (
+                f"{path}: audio is empty"
+                if info.frames == 0
+                else too_short(str(path), samples_16k, self.min_frames)
+            )
+            if complaint:
+                problems.append(complaint)
+        if problems:
+            raise AudioError(f"{len(problems)} unusable recording(s): " + "; ".join(problems))
+
+    def window_features(
         self, audio: AudioInput, sample_rate: int | None = None, position: int | None = None
     ) -> torch.Tensor:
-        """fbank of one input, checked to be long enough for the model."""
+        """fbank of the windows of one input ``(windows, frames, feat_dim)`` (one window unless
+        it is longer than the window length), checked to be long enough for the model."""
         wav = prepare_waveform(audio, sample_rate, position)
-        needed = self.embedder.min_frames
-        if num_frames(wav.numel()) < needed:
-            raise AudioError(
-                f"{_describe(audio, position)}: {wav.numel() / SAMPLE_RATE:.3f} s of "
-                f"audio is too short; the model needs at least "
-                f"{min_seconds(needed):.3f} s ({needed} frames)"
-            )
-        return fbank(wav, num_mel_bins=self.embedder.feat_dim)
+        complaint = too_short(_describe(audio, position), wav.numel(), self.min_frames)
+        if complaint:
+            raise AudioError(complaint)
+        return windowed_fbank(wav, self.window_frames, self.embedder.feat_dim)
 
     def embed(
         self, audio: AudioInput, sample_rate: int | None = None, normalize: bool = False
@@ -185,21 +269,15 @@ class SpeakerVerifier:
         equals its one-at-a-time embedding)."""
         if len(audios) == 0:
             raise ConfigError("no audio given")
-        feats = [
-            self.features(a, sample_rate, i if len(audios) > 1 else None)
+        items = [
+            self.window_features(a, sample_rate, i if len(audios) > 1 else None)
             for i, a in enumerate(audios)
         ]
-        by_length: dict[int, list[int]] = {}
-        for index, feat in enumerate(feats):
-            by_length.setdefault(feat.shape[0], []).append(index)
-        embeddings: list[np.ndarray | None] = [None] * len(feats)
-        for indices in by_length.values():
-            for start in range(0, len(indices), _BATCH_SIZE):
-                chunk = indices[start : start + _BATCH_SIZE]
-                out = self.embedder(torch.stack([feats[i] for i in chunk]))
-                for i, vector in zip(chunk, out):
-                    embeddings[i] = vector
-        matrix = np.stack(embeddings).astype(np.float32)
+        matrix = embed_windowed(self.embedder, items, self.max_batch_frames)
+        bad = nonfinite_rows(matrix)
+        if bad:
+            names = ", ".join(_describe(audios[i], i if len(audios) > 1 else None) for i in bad)
+            raise AudioError(f"{names}: the model gave a non-finite embedding")
         if normalize:
             matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
         return matrix
@@ -260,16 +338,46 @@ class SpeakerVerifier:
         threshold: float | None = None,
     ) -> list[Verification]:
         """:meth:`verify` for many pairs at once."""
+        if threshold is None and self.calibration is not None:
+            return self._verify_calibrated(pairs, sample_rate)
         limit = self._threshold(threshold)
         return [
             Verification(score, limit, score >= limit)
             for score in self.score_pairs(pairs, sample_rate)
         ]
 
+    def _verify_calibrated(
+        self, pairs: Sequence[tuple[AudioInput, AudioInput]], sample_rate: int | None
+    ) -> list[Verification]:
+        scores = self.score_pairs(pairs, sample_rate)
+        seconds = [None, None]
+        if self.calibration.uses_durations:
+            seconds = [
+                np.array([prepare_waveform(pair[side], sample_rate).numel() for pair in pairs])
+                / SAMPLE_RATE
+                for side in (0, 1)
+            ]
+        llrs, limits, same = self.calibration.decide(scores, *seconds)
+        return [
+            Verification(score, limit, decision, llr)
+            for score, limit, decision, llr in zip(
+                scores, limits.tolist(), same.tolist(), llrs.tolist()
+            )
+        ]
+
 
 @lru_cache(maxsize=4)
-def _cached_verifier(source: str, device: str) -> SpeakerVerifier:
+def _cached_verifier(source: str, device: str, content: str) -> SpeakerVerifier:
+    del content  # part of the cache key only
     return SpeakerVerifier.load(source, device=device)
+
+
+def _verifier(model: str | Path, device: str) -> SpeakerVerifier:
+    """The verifier of ``model``, loaded once per content: a file rewritten with other weights
+    (a retrained model exported to the same path) is loaded again."""
+    path = Path(model)
+    content = file_digest(path) if path.is_file() else str(model)
+    return _cached_verifier(str(model), device, content)
 
 
 def embed(
@@ -279,7 +387,7 @@ def embed(
     device: str = "cpu",
 ) -> np.ndarray:
     """Embedding of one recording ``(dim,)``, or ``(n, dim)`` for a list of recordings."""
-    verifier = _cached_verifier(str(model), device)
+    verifier = _verifier(model, device)
     if isinstance(audio, (list, tuple)):
         return verifier.embed_many(audio, sample_rate)
     return verifier.embed(audio, sample_rate)
@@ -293,5 +401,5 @@ def verify(
     sample_rate: int | None = None,
     device: str = "cpu",
 ) -> Verification:
-    """Score and decision for one pair with ``model`` (loaded once and cached)."""
-    return _cached_verifier(str(model), device).verify(enrol, test, sample_rate, threshold)
+    """Score and decision for one pair with ``model`` (loaded once per content and cached)."""
+    return _verifier(model, device).verify(enrol, test, sample_rate, threshold)

@@ -1,10 +1,18 @@
-"""Verification metrics: equal error rate, minimum detection cost and DET curve points.
+"""Verification metrics: discrimination (EER, minDCF, min Cllr) and, for scores that are
+log-likelihood ratios, calibration (Cllr, actual DCF).
 
-All three come from one pass over the scores sorted once (O(n log n)). A threshold ``t`` rejects
-every trial scoring ``<= t``; the candidate thresholds are the distinct scores, so trials with
-equal scores always fall on the same side. The EER is interpolated linearly between the two
-operating points where the miss rate crosses the false-alarm rate; minDCF uses c_miss = c_fa = 1
-and is normalised by the cost of the best trivial system, min(p_target, 1 - p_target).
+EER, minDCF and the DET curve come from one pass over the scores sorted once (O(n log n)). A
+threshold ``t`` rejects every trial scoring ``<= t``; the candidate thresholds are the distinct
+scores, so trials with equal scores always fall on the same side. The EER is interpolated linearly
+between the two operating points where the miss rate crosses the false-alarm rate; minDCF and
+actual DCF use c_miss = c_fa = 1 and are normalised by the cost of the best trivial system,
+min(p_target, 1 - p_target).
+
+Cllr (in bits) is the BOSARIS cost of log-likelihood-ratio scores ``s``:
+``(mean over targets of log2(1 + e^-s) + mean over non-targets of log2(1 + e^s)) / 2``.
+min Cllr is the Cllr of the best monotone recalibration of the scores: the pool-adjacent-violators
+(PAV) fit of the target posterior, turned into log-likelihood ratios. Actual DCF applies the Bayes
+decision of each p_target to the scores as they are: accept when ``s >= log((1 - p) / p)``.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import isotonic_regression
 
 DEFAULT_P_TARGETS: tuple[float, ...] = (0.01,)
 
@@ -86,41 +95,93 @@ def min_dcf_from_rates(rates: ErrorRates, p_target: float = 0.01) -> float:
     return float(cost.min() / min(p_target, 1.0 - p_target))
 
 
-def compute_eer(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Equal error rate (fraction) of ``scores`` with ``labels`` (1 target, 0 non-target)."""
-    return eer_from_rates(error_rates(scores, labels))
+def bayes_threshold(p_target: float) -> float:
+    """The log-likelihood ratio above which a target prior of ``p_target`` accepts (c_miss =
+    c_fa = 1): ``-logit(p_target)``."""
+    if not 0.0 < p_target < 1.0:
+        raise ValueError(f"p_target must be in (0, 1), got {p_target}")
+    return float(np.log1p(-p_target) - np.log(p_target))
 
 
-def compute_min_dcf(scores: np.ndarray, labels: np.ndarray, p_target: float = 0.01) -> float:
-    """Normalised minDCF at ``p_target`` (c_miss = c_fa = 1)."""
-    return min_dcf_from_rates(error_rates(scores, labels), p_target)
+def act_dcf(llrs: np.ndarray, labels: np.ndarray, p_target: float = 0.01) -> float:
+    """Normalised actual DCF of log-likelihood ratios at their Bayes threshold for ``p_target``
+    (a trial scoring exactly at the threshold is accepted)."""
+    threshold = bayes_threshold(p_target)
+    llrs, is_target = np.asarray(llrs), np.asarray(labels).astype(bool)
+    miss = np.mean(llrs[is_target] < threshold)
+    false_alarm = np.mean(llrs[~is_target] >= threshold)
+    cost = p_target * miss + (1.0 - p_target) * false_alarm
+    return float(cost / min(p_target, 1.0 - p_target))
+
+
+def cllr(llrs: np.ndarray, labels: np.ndarray) -> float:
+    """Cllr in bits of log-likelihood ratios (see the module docstring)."""
+    llrs, is_target = np.asarray(llrs, dtype=np.float64), np.asarray(labels).astype(bool)
+    # logaddexp(0, x) = log(1 + e^x) without overflow.
+    target_cost = np.mean(np.logaddexp(0.0, -llrs[is_target]))
+    nontarget_cost = np.mean(np.logaddexp(0.0, llrs[~is_target]))
+    return float((target_cost + nontarget_cost) / (2.0 * np.log(2.0)))
+
+
+def pav_llrs(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Log-likelihood ratios of the best monotone (non-decreasing) map of ``scores``: the
+    target posterior fitted by PAV on the trials, divided by the list's prior odds.
+
+    Trials with equal scores form one point of the fit, so they get one value. The lowest
+    scores may map to -inf (only non-targets there) and the highest to +inf (only targets).
+    PAV is scipy's (a maintained C++ implementation that takes weights).
+    """
+    scores, is_target = np.asarray(scores), np.asarray(labels).astype(bool)
+    distinct, point = np.unique(scores, return_inverse=True)
+    trials = np.bincount(point, minlength=distinct.size).astype(np.float64)
+    targets = np.bincount(point, weights=is_target, minlength=distinct.size)
+    posterior = isotonic_regression(targets / trials, weights=trials).x
+    num_targets = int(is_target.sum())
+    prior_log_odds = np.log(num_targets) - np.log(is_target.size - num_targets)
+    with np.errstate(divide="ignore"):
+        log_odds = np.log(posterior) - np.log1p(-posterior)
+    return (log_odds - prior_log_odds)[point]
+
+
+def min_cllr(scores: np.ndarray, labels: np.ndarray) -> float:
+    """min Cllr in bits: the Cllr of :func:`pav_llrs` (depends only on the order of the scores)."""
+    return cllr(pav_llrs(scores, labels), labels)
 
 
 @dataclass(frozen=True)
 class Metrics:
-    """EER (fraction) and minDCF per p_target, plus the trial counts they came from."""
+    """Metrics of one trial list. ``cllr`` and ``act_dcf`` are set only for scores that are
+    log-likelihood ratios (calibrated scores)."""
 
-    eer: float
-    min_dcf: dict[float, float]
     num_targets: int
     num_nontargets: int
+    eer: float  # fraction
+    min_dcf: dict[float, float]
+    min_cllr: float
+    rates: ErrorRates
+    cllr: float | None = None
+    act_dcf: dict[float, float] | None = None
 
 
 def compute_metrics(
-    scores: np.ndarray, labels: np.ndarray, p_targets: Sequence[float] = DEFAULT_P_TARGETS
+    scores: np.ndarray,
+    labels: np.ndarray,
+    p_targets: Sequence[float] = DEFAULT_P_TARGETS,
+    llr: bool = False,
 ) -> Metrics:
-    """EER and minDCF at each of ``p_targets`` from a single sort of the scores."""
+    """Every metric of ``scores`` (1 target, 0 non-target labels); with ``llr`` the scores are
+    log-likelihood ratios and their calibration is measured too. Raises ``ValueError`` for
+    scores that are not finite or lists without both kinds of trial."""
     rates = error_rates(scores, labels)
-    num_targets = int(np.count_nonzero(labels))
+    is_target = np.asarray(labels).astype(bool).ravel()
+    scores = np.asarray(scores).ravel()
     return Metrics(
+        num_targets=int(is_target.sum()),
+        num_nontargets=int((~is_target).sum()),
         eer=eer_from_rates(rates),
         min_dcf={float(p): min_dcf_from_rates(rates, p) for p in p_targets},
-        num_targets=num_targets,
-        num_nontargets=int(np.size(labels)) - num_targets,
+        min_cllr=min_cllr(scores, is_target),
+        rates=rates,
+        cllr=cllr(scores, is_target) if llr else None,
+        act_dcf={float(p): act_dcf(scores, is_target, p) for p in p_targets} if llr else None,
     )
-
-
-def det_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Points of the DET curve: (false-alarm rates, miss rates), false alarms decreasing."""
-    rates = error_rates(scores, labels)
-    return rates.false_alarm, rates.miss

@@ -1,11 +1,13 @@
-"""ONNX export of embedding models and an ONNX Runtime backend for extraction and verification.
+"""ONNX export of embedding models, and its check against PyTorch.
 
 The graph takes ``feats`` (batch, frames, feat_dim) fbank and returns ``embedding``
 (batch, embedding_size); batch and frames are dynamic axes. Export uses the TorchScript-based
 exporter (``dynamo=False``): for all four architectures it gives graphs that follow the frame
 axis exactly (checked by :func:`onnx_parity` and the tests) and exports in seconds, where the
 dynamo exporter takes minutes for the same models. The model's name, constructor arguments and
-decision threshold travel in the file's metadata.
+decision threshold travel in the file's metadata, with an ``export_key``: a digest of the weights,
+the opset and that metadata, so that :func:`export_onnx_if_changed` exports again exactly when the
+file would differ. :class:`speakerlab.embedder.OnnxEmbedder` runs the exported files.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from speakerlab.errors import CheckpointError, ConfigError
-from speakerlab.extract import Embedder
-from speakerlab.fileio import atomic_path
+from speakerlab.errors import ConfigError
+from speakerlab.fileio import atomic_path, json_digest, tensors_digest
 
 INPUT_NAME = "feats"
 OUTPUT_NAME = "embedding"
 DEFAULT_OPSET = 17
 EXPORT_FRAMES = 200  # length of the example input; any length works in the exported graph
+METADATA_PREFIX = "speakerlab."
 
 
 def export_onnx(
@@ -40,13 +42,9 @@ def export_onnx(
     """Export ``model`` (fbank -> embedding) to ``path`` with dynamic batch and frame axes.
 
     ``metadata`` (e.g. ``model_name``, ``model_kwargs``, ``threshold``) is stored as JSON
-    strings in the ONNX metadata properties.
+    strings in the ONNX metadata properties, with ``feat_dim`` and the ``export_key``.
     """
-    try:
-        import onnx
-    except ImportError:
-        raise ConfigError("ONNX export needs the 'onnx' package (pip install onnx)") from None
-
+    onnx = _import_onnx()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
@@ -69,60 +67,59 @@ def export_onnx(
             dynamic_axes={INPUT_NAME: {0: "batch", 1: "frames"}, OUTPUT_NAME: {0: "batch"}},
         )
         graph = onnx.load(str(tmp))
-        for key, value in {"feat_dim": feat_dim, **(metadata or {})}.items():
+        stored = {"feat_dim": feat_dim, **(metadata or {})}
+        stored["export_key"] = export_key(model, opset, metadata)
+        for key, value in stored.items():
             entry = graph.metadata_props.add()
-            entry.key, entry.value = f"speakerlab.{key}", json.dumps(value)
+            entry.key, entry.value = METADATA_PREFIX + key, json.dumps(value)
         onnx.save(graph, str(tmp))
     return path
 
 
-class OnnxEmbedder(Embedder):
-    """Embeddings from an exported model with ONNX Runtime on the CPU (or ``providers``)."""
+def export_key(model: nn.Module, opset: int, metadata: dict[str, Any] | None) -> str:
+    """What an export of ``model`` depends on: its weights and buffers, the opset, the metadata."""
+    weights = tensors_digest(model.state_dict())
+    return json_digest({"weights": weights, "opset": opset, "metadata": metadata or {}})
 
-    def __init__(
-        self,
-        path: str | Path,
-        num_threads: int | None = None,
-        providers: Sequence[str] | None = None,
-    ) -> None:
-        try:
-            import onnxruntime
-        except ImportError:
-            raise ConfigError(
-                "the ONNX backend needs the 'onnxruntime' package (pip install onnxruntime)"
-            ) from None
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: ONNX model not found")
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if num_threads:
-            options.intra_op_num_threads = num_threads
-        try:
-            self.session = onnxruntime.InferenceSession(
-                str(path), options, providers=list(providers or ["CPUExecutionProvider"])
-            )
-        except Exception as err:
-            raise CheckpointError(f"{path}: not a loadable ONNX model ({err})") from None
-        self.path = path
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1 or len(inputs[0].shape) != 3 or not isinstance(inputs[0].shape[2], int):
-            raise CheckpointError(
-                f"{path}: expected one input (batch, frames, feat_dim), got "
-                f"{[(i.name, i.shape) for i in inputs]}"
-            )
-        self.input_name = inputs[0].name
-        self.feat_dim = inputs[0].shape[2]
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.metadata = {
-            key.removeprefix("speakerlab."): json.loads(value)
-            for key, value in meta.items()
-            if key.startswith("speakerlab.")
-        }
 
-    def embed_features(self, feats: torch.Tensor) -> np.ndarray:
-        array = np.ascontiguousarray(feats.detach().cpu().numpy(), dtype=np.float32)
-        return self.session.run(None, {self.input_name: array})[0]
+def read_metadata(properties: dict[str, str]) -> dict[str, Any]:
+    """Our entries of an ONNX file's metadata properties, decoded, without the prefix."""
+    return {
+        key.removeprefix(METADATA_PREFIX): json.loads(value)
+        for key, value in properties.items()
+        if key.startswith(METADATA_PREFIX)
+    }
+
+
+def export_onnx_if_changed(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    metadata: dict[str, Any] | None = None,
+) -> bool:
+    """Export ``model`` to ``path`` unless that file records the same :func:`export_key`
+    (a file that cannot be read is exported again). True when it exported."""
+    path = Path(path)
+    if path.is_file():
+        onnx = _import_onnx()
+        try:
+            properties = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+            recorded = read_metadata(properties).get("export_key")
+        except Exception:  # a torn or foreign file: replaced below
+            recorded = None
+        if recorded == export_key(model, opset, metadata):
+            return False
+    export_onnx(model, path, opset=opset, metadata=metadata)
+    return True
+
+
+def _import_onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise ConfigError("ONNX export needs the 'onnx' package (pip install onnx)") from None
+    return onnx
 
 
 def onnx_parity(
@@ -133,6 +130,8 @@ def onnx_parity(
 ) -> float:
     """Smallest cosine similarity between PyTorch and ONNX Runtime embeddings of random fbank
     inputs of the given (batch, frames) shapes."""
+    from speakerlab.embedder import OnnxEmbedder
+
     embedder = OnnxEmbedder(onnx_path)
     generator = torch.Generator().manual_seed(seed)
     worst = 1.0

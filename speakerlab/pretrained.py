@@ -3,22 +3,31 @@
 The released 3D-Speaker models are hosted on ModelScope. They are fetched with the ``modelscope``
 package when it is installed and the host is reachable; otherwise the error says how to get the
 file by hand, and the downloaded file's path can be passed instead of the id.
+
+Ids are accepted in today's ``iic/...`` spelling and in the hub's former ``damo/...`` one, which
+the model cards' own examples still use.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from speakerlab.errors import CheckpointError
+from speakerlab.fileio import tensors_digest
 from speakerlab.models.checkpoint import load_embedding_model, load_embedding_model_spec
 
 # Decision threshold on the cosine score suggested by the ERes2Net-base model card; the card of
 # no other released model gives one, so it is the default for all of them (override per call).
 MODEL_CARD_THRESHOLD = 0.249
+# ModelScope namespace of the released models, and the one they had before (model cards and
+# older scripts still name them "damo/..."); both spellings name the same model.
+HUB_NAMESPACE = "iic"
+FORMER_HUB_NAMESPACES = ("damo",)
 
 
 @dataclass(frozen=True)
@@ -92,10 +101,32 @@ class LoadedModel:
     threshold: float | None
     source: str
 
+    @cached_property
+    def weights_digest(self) -> str:
+        """SHA-256 of the weights (names, dtypes, shapes, values): the model's identity for
+        outputs keyed on content, equal for equal weights whichever file they came from."""
+        return tensors_digest(self.model.state_dict())
+
+
+def released_model(model_id: str) -> PretrainedModel | None:
+    """The registry entry that ``model_id`` names in either hub spelling, or None."""
+    namespace, slash, name = model_id.partition("/")
+    if slash and namespace in FORMER_HUB_NAMESPACES:
+        model_id = f"{HUB_NAMESPACE}/{name}"
+    return PRETRAINED.get(model_id)
+
+
+def _known_ids() -> str:
+    """The registry ids, for error messages."""
+    spellings = "/".join((HUB_NAMESPACE, *FORMER_HUB_NAMESPACES))
+    return f"{', '.join(PRETRAINED)} (each also as {spellings}/...)"
+
 
 def download_pretrained(model_id: str, cache_dir: str | Path | None = None) -> Path:
-    """Local path of the checkpoint file of registry entry ``model_id`` (downloaded if needed)."""
-    entry = _entry(model_id)
+    """Local path of the checkpoint file of released model ``model_id`` (downloaded if needed)."""
+    entry = released_model(model_id)
+    if entry is None:
+        raise CheckpointError(f"unknown model id {model_id!r}; known ids: {_known_ids()}")
     try:
         from modelscope.hub.snapshot_download import snapshot_download
     except ImportError:
@@ -106,7 +137,7 @@ def download_pretrained(model_id: str, cache_dir: str | Path | None = None) -> P
         ) from None
     try:
         folder = snapshot_download(
-            model_id, cache_dir=None if cache_dir is None else str(cache_dir)
+            entry.model_id, cache_dir=None if cache_dir is None else str(cache_dir)
         )
     except Exception as err:
         raise CheckpointError(
@@ -122,20 +153,21 @@ def download_pretrained(model_id: str, cache_dir: str | Path | None = None) -> P
 
 
 def load_model(source: str | Path, cache_dir: str | Path | None = None) -> LoadedModel:
-    """Load an embedding model from a registry id or a local checkpoint file (ours or released)."""
+    """Load an embedding model from a released model id (either hub spelling) or a local
+    checkpoint file (ours or released)."""
     source_str = str(source)
-    if source_str in PRETRAINED:
-        entry = PRETRAINED[source_str]
-        path = download_pretrained(source_str, cache_dir)
+    entry = released_model(source_str)
+    if entry is not None:
+        path = download_pretrained(entry.model_id, cache_dir)
         model = load_embedding_model(path, entry.model_name, **entry.model_kwargs)
         return LoadedModel(
-            model, entry.model_name, dict(entry.model_kwargs), entry.threshold, source_str
+            model, entry.model_name, dict(entry.model_kwargs), entry.threshold, entry.model_id
         )
     path = Path(source)
     if not path.is_file():
         raise CheckpointError(
             f"{source_str!r} is neither a checkpoint file nor a known model id; "
-            f"known ids: {', '.join(PRETRAINED)}"
+            f"known ids: {_known_ids()}"
         )
     model, name, kwargs = load_embedding_model_spec(path)
     return LoadedModel(model, name, kwargs, released_threshold(path.name, name, kwargs), source_str)
@@ -154,9 +186,3 @@ def released_threshold(
         ):
             return entry.threshold
     return None
-
-
-def _entry(model_id: str) -> PretrainedModel:
-    if model_id not in PRETRAINED:
-        raise CheckpointError(f"unknown model id {model_id!r}; known ids: {', '.join(PRETRAINED)}")
-    return PRETRAINED[model_id]

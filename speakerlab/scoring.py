@@ -1,127 +1,43 @@
-"""Cosine scoring of trial lists, AS-Norm, score files, results table and DET plot.
+"""Scoring of trial lists: cosine scores, AS-Norm, calibration to log-likelihood ratios, score
+files, the results table and the DET plot.
 
 Scoring is vectorised end to end: utterance ids are mapped to rows of one L2-normalised
 embedding matrix with a dict (one look-up per trial side), and cosine scores are row-wise dot
-products of gathered rows, computed in cache-sized chunks. A million trials take well under a
-second after the trial file is parsed.
+products of gathered rows, computed in cache-sized chunks. AS-Norm statistics are computed once
+per utterance for all lists together, in chunks of utterances so that memory stays bounded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import kaldiio
 import numpy as np
 
+from speakerlab.calibration import Calibration, trial_seconds
 from speakerlab.data.kaldi_dir import read_utt2spk, spk2utt_from_utt2spk
+from speakerlab.embedding_store import read_embeddings
 from speakerlab.errors import DataError
 from speakerlab.fileio import atomic_write, write_json_atomic, write_text_atomic
 from speakerlab.metrics import (
     DEFAULT_P_TARGETS,
     ErrorRates,
+    Metrics,
+    compute_metrics,
     eer_from_rates,
-    error_rates,
-    min_dcf_from_rates,
 )
+from speakerlab.trials import LABEL_WORDS, Trials, read_trials
 
-TARGET_LABELS: dict[str, int] = {"target": 1, "nontarget": 0, "1": 1, "0": 0}
-_LABEL_NAMES = ("nontarget", "target")
 _SCORE_CHUNK = 512  # trials per gather: both gathered blocks stay in the CPU's L2 cache
 _MAX_THREADS = 8
 _MIN_TRIALS_PER_THREAD = 100_000  # below this, starting threads costs more than it saves
 _COHORT_CHUNK = 1024  # utterances scored against the cohort at a time (bounds memory)
 DEFAULT_TOP_K = 300
-
-
-# --------------------------------------------------------------------------- trial lists
-
-
-@dataclass
-class Trials:
-    """A parsed trial list: parallel enrol/test ids, labels (1 target, 0 non-target) and the
-    1-based line number of each trial in ``path`` (for error messages)."""
-
-    path: Path
-    enrol: list[str]
-    test: list[str]
-    labels: np.ndarray
-    line_numbers: np.ndarray
-
-    @property
-    def name(self) -> str:
-        """The list's name: its file name (``trials_cross_device`` -> score file stem)."""
-        return self.path.name
-
-    def __len__(self) -> int:
-        return len(self.enrol)
-
-
-def _fields_per_line(text: str) -> np.ndarray:
-    """Number of whitespace-separated fields on each newline-separated line of ``text``.
-
-    ASCII text (the usual case) is counted with array operations over its bytes, which is many
-    times faster than splitting a million lines one by one.
-    """
-    if not text:
-        return np.zeros(1, dtype=np.int64)
-    if not text.isascii():
-        return np.array([len(line.split()) for line in text.split("\n")], dtype=np.int64)
-    data = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
-    # ASCII whitespace for str.split(): bytes 9-13 and 28-32 (uint8 wrap-around makes each
-    # range test a single comparison).
-    in_field = ~((data - np.uint8(9) <= 4) | (data - np.uint8(28) <= 4))
-    field_starts = np.flatnonzero(in_field[1:] > in_field[:-1]) + 1
-    if in_field[0]:
-        field_starts = np.concatenate(([0], field_starts))
-    newlines = np.flatnonzero(data == 10)
-    # The line of a field is the number of newlines before its first character.
-    return np.bincount(np.searchsorted(newlines, field_starts), minlength=newlines.size + 1)
-
-
-def read_trials(path: str | Path) -> Trials:
-    """Read ``enrol test label`` lines; labels are ``target``/``nontarget`` or ``1``/``0``.
-
-    Empty lines are skipped. A line with another number of fields or an unknown label raises a
-    :class:`DataError` naming the file and line.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: trial list not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read trial list ({err})") from None
-
-    fields = _fields_per_line(text)
-    bad = np.flatnonzero((fields != 3) & (fields != 0))
-    if bad.size:
-        line = text.split("\n")[bad[0]]
-        raise DataError(
-            f"{path}:{bad[0] + 1}: expected 3 fields 'enrol test label', got "
-            f"{fields[bad[0]]}: {line.strip()!r}"
-        )
-    line_numbers = np.flatnonzero(fields) + 1
-    if line_numbers.size == 0:
-        raise DataError(f"{path}: trial list is empty")
-    # Every non-blank line has exactly three fields, so the token stream is (enrol, test, label)*.
-    tokens = text.split()
-    enrol, test, label_words = tokens[0::3], tokens[1::3], tokens[2::3]
-
-    unknown = set(label_words) - TARGET_LABELS.keys()
-    if unknown:
-        first = next(i for i, word in enumerate(label_words) if word in unknown)
-        raise DataError(
-            f"{path}:{line_numbers[first]}: label must be target/nontarget or 1/0, "
-            f"got {label_words[first]!r}"
-        )
-    labels = np.fromiter(
-        map(TARGET_LABELS.__getitem__, label_words), dtype=np.int8, count=len(label_words)
-    )
-    return Trials(path=path, enrol=enrol, test=test, labels=labels, line_numbers=line_numbers)
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -169,21 +85,14 @@ def load_embeddings(scp_paths: str | Path | Sequence[str | Path]) -> EmbeddingTa
     for scp in map(Path, scp_paths):
         if not scp.is_file():
             raise DataError(f"{scp}: embedding scp not found")
-        try:
-            for key, vector in kaldiio.load_scp_sequential(str(scp)):
-                if key in origin:
-                    raise DataError(
-                        f"{scp}: utterance {key!r} already has an embedding in {origin[key]}"
-                    )
-                origin[key] = scp
-                keys.append(key)
-                vectors.append(np.asarray(vector, dtype=np.float32).ravel())
-        except DataError:
-            raise
-        except Exception as err:  # kaldiio raises many types for broken ark/scp files
-            raise DataError(
-                f"{scp}: cannot read embeddings ({type(err).__name__}: {err})"
-            ) from None
+        for key, vector in read_embeddings(scp).items():
+            if key in origin:
+                raise DataError(
+                    f"{scp}: utterance {key!r} already has an embedding in {origin[key]}"
+                )
+            origin[key] = scp
+            keys.append(key)
+            vectors.append(np.asarray(vector, dtype=np.float32).ravel())
     if not keys:
         raise DataError(f"{', '.join(map(str, scp_paths))}: no embeddings")
     dim = vectors[0].size
@@ -295,35 +204,57 @@ def cohort_statistics(
     return means, stds
 
 
-def as_norm(
-    scores: np.ndarray,
-    enrol_rows: np.ndarray,
-    test_rows: np.ndarray,
-    matrix: np.ndarray,
-    cohort: np.ndarray,
-    top_k: int = DEFAULT_TOP_K,
-) -> np.ndarray:
-    """Adaptive symmetric score normalisation (AS-Norm):
-    ``0.5 * ((s - mu_e) / sd_e + (s - mu_t) / sd_t)`` with each side's statistics taken over its
-    ``top_k`` closest cohort embeddings. Statistics are computed once per distinct utterance."""
-    used, inverse = np.unique(np.concatenate([enrol_rows, test_rows]), return_inverse=True)
-    means, stds = cohort_statistics(matrix[used], cohort, top_k)
-    stds = np.maximum(stds, 1e-8)  # a cohort of identical scores would divide by zero
-    enrol_idx, test_idx = inverse[: len(enrol_rows)], inverse[len(enrol_rows) :]
-    scores = scores.astype(np.float64)
-    normed = 0.5 * (
-        (scores - means[enrol_idx]) / stds[enrol_idx] + (scores - means[test_idx]) / stds[test_idx]
-    )
-    return normed.astype(np.float32)
+@dataclass
+class AsNorm:
+    """AS-Norm statistics of the rows of an embedding matrix (NaN for rows not computed)."""
+
+    means: np.ndarray
+    stds: np.ndarray
+
+    @classmethod
+    def for_rows(
+        cls, matrix: np.ndarray, rows: np.ndarray, cohort: np.ndarray, top_k: int = DEFAULT_TOP_K
+    ) -> AsNorm:
+        """Statistics of each distinct row in ``rows`` against ``cohort``, computed once."""
+        used = np.unique(rows)
+        means = np.full(len(matrix), np.nan)
+        stds = np.full(len(matrix), np.nan)
+        means[used], stds[used] = cohort_statistics(matrix[used], cohort, top_k)
+        np.maximum(stds, 1e-8, out=stds)  # a cohort of identical scores would divide by zero
+        return cls(means, stds)
+
+    def __call__(
+        self, scores: np.ndarray, enrol_rows: np.ndarray, test_rows: np.ndarray
+    ) -> np.ndarray:
+        """``0.5 * ((s - mu_e) / sd_e + (s - mu_t) / sd_t)`` with each side's statistics over
+        its ``top_k`` closest cohort embeddings (adaptive symmetric normalisation)."""
+        scores = scores.astype(np.float64)
+        enrol = (scores - self.means[enrol_rows]) / self.stds[enrol_rows]
+        test = (scores - self.means[test_rows]) / self.stds[test_rows]
+        return (0.5 * (enrol + test)).astype(np.float32)
+
+
+def cohort_digest(cohort: np.ndarray) -> str:
+    """SHA-256 of a cohort matrix (float32 values and shape): the identity of a cohort."""
+    cohort = np.ascontiguousarray(cohort, dtype=np.float32)
+    return hashlib.sha256(f"{cohort.shape}".encode() + cohort.tobytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------- outputs
 
 
 def write_scores(path: str | Path, trials: Trials, scores: np.ndarray) -> Path:
-    """Write ``enrol test label score`` lines (label as target/nontarget), atomically."""
-    label_words = [_LABEL_NAMES[label] for label in trials.labels.tolist()]
-    lines = map("{} {} {} {:.6f}\n".format, trials.enrol, trials.test, label_words, scores.tolist())
+    """Write ``enrol test label score`` lines (label as target/nontarget), atomically.
+    A score that is not finite is an error naming its trial line; nothing is written then."""
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size:
+        raise DataError(
+            f"{trials.path}:{trials.line_numbers[bad[0]]}: score is {scores[bad[0]]}; no score "
+            f"file written"
+        )
+    label_words = [LABEL_WORDS[label] for label in trials.labels.tolist()]
+    fields = zip(trials.enrol, trials.test, label_words, scores.tolist())
+    lines = map("%s %s %s %.6f\n".__mod__, fields)  # %-formatting: the fastest in Python
     with atomic_write(path) as f:
         f.writelines(lines)
     return Path(path)
@@ -334,34 +265,45 @@ class TrialResult:
     """Metrics of one trial list."""
 
     name: str
-    num_trials: int
-    num_targets: int
-    eer: float  # fraction
-    min_dcf: dict[float, float]
+    metrics: Metrics
     score_file: str | None = None
 
-    def to_json(self) -> dict:
-        return {
+    def to_json(self) -> dict[str, Any]:
+        m = self.metrics
+        row: dict[str, Any] = {
             "trials": self.name,
-            "num_trials": self.num_trials,
-            "num_targets": self.num_targets,
-            "eer": self.eer,
-            "eer_percent": 100.0 * self.eer,
-            "min_dcf": {f"{p:g}": value for p, value in self.min_dcf.items()},
-            "score_file": self.score_file,
+            "num_trials": m.num_targets + m.num_nontargets,
+            "num_targets": m.num_targets,
+            "eer": m.eer,
+            "eer_percent": 100.0 * m.eer,
+            "min_dcf": {f"{p:g}": value for p, value in m.min_dcf.items()},
+            "min_cllr": m.min_cllr,
         }
+        if m.cllr is not None and m.act_dcf is not None:
+            row["cllr"] = m.cllr
+            row["act_dcf"] = {f"{p:g}": value for p, value in m.act_dcf.items()}
+        row["score_file"] = self.score_file
+        return row
 
 
 def results_markdown(results: Sequence[TrialResult], title: str | None = None) -> str:
-    """One Markdown table, a row per trial list: trials, EER (%) and minDCF per p_target."""
-    p_targets = list(results[0].min_dcf) if results else []
+    """One Markdown table, a row per trial list: trials, EER (%) and minDCF per p_target; for
+    calibrated scores also Cllr, min Cllr and actual DCF per p_target."""
+    p_targets = list(results[0].metrics.min_dcf) if results else []
+    calibrated = bool(results) and results[0].metrics.cllr is not None
     header = ["trials", "trials count", "EER (%)"] + [f"minDCF (p={p:g})" for p in p_targets]
+    if calibrated:
+        header += ["Cllr", "min Cllr"] + [f"actDCF (p={p:g})" for p in p_targets]
     lines = [f"## {title}", ""] if title else []
     lines.append("| " + " | ".join(header) + " |")
     lines.append("| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |")
     for r in results:
-        cells = [r.name, str(r.num_trials), f"{100 * r.eer:.2f}"]
-        cells += [f"{r.min_dcf[p]:.4f}" for p in p_targets]
+        m = r.metrics
+        cells = [r.name, str(m.num_targets + m.num_nontargets), f"{100 * m.eer:.2f}"]
+        cells += [f"{m.min_dcf[p]:.4f}" for p in p_targets]
+        if calibrated:
+            cells += [f"{m.cllr:.4f}", f"{m.min_cllr:.4f}"]
+            cells += [f"{m.act_dcf[p]:.4f}" for p in p_targets]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -385,9 +327,9 @@ def write_results(
 
 def _probit(rates: np.ndarray) -> np.ndarray:
     """Normal deviate of clipped rates (the DET axes); 0 and 1 map to the plot's edges."""
-    from scipy.stats import norm
+    from scipy.special import ndtri  # the normal quantile; scipy.stats takes long to import
 
-    return norm.ppf(np.clip(rates, 1e-5, 1 - 1e-5))
+    return ndtri(np.clip(rates, 1e-5, 1 - 1e-5))
 
 
 def _thin_curve(x: np.ndarray, y: np.ndarray, step: float = 0.004) -> tuple[np.ndarray, np.ndarray]:
@@ -442,27 +384,79 @@ def plot_det(curves: Mapping[str, ErrorRates], path: str | Path, title: str | No
 
 @dataclass
 class ScoringSetup:
-    """How to score: optional AS-Norm cohort, the p_target values and which outputs to write."""
+    """How to score: optional AS-Norm cohort, optional calibration to LLRs (with the durations
+    of the utterances when it uses them), the p_target values and whether to draw the DET plot."""
 
     cohort: np.ndarray | None = None
     top_k: int = DEFAULT_TOP_K
+    calibration: Calibration | None = None
+    durations: Mapping[str, float] | None = None
     p_targets: Sequence[float] = DEFAULT_P_TARGETS
     det_plot: bool = True
 
+    def score_kind(self) -> dict[str, Any]:
+        """How the raw scores are made; a calibration applies only to scores of its kind."""
+        if self.cohort is None:
+            return {"normalisation": "none"}
+        return {
+            "normalisation": "as-norm",
+            "top_k": min(self.top_k, len(self.cohort)),
+            "cohort_size": len(self.cohort),
+            "cohort": cohort_digest(self.cohort),
+        }
 
-def score_trial_list(
-    table: EmbeddingTable, trials: Trials, setup: ScoringSetup
-) -> tuple[np.ndarray, ErrorRates]:
-    """Scores of one list (AS-normalised when a cohort is given) and its error rates."""
-    enrol_rows, test_rows = trial_rows(table, trials)
-    scores = cosine_scores(table.matrix, enrol_rows, test_rows)
+    def check(self) -> None:
+        """Fail before any work when the calibration cannot apply to these scores."""
+        if self.calibration is not None:
+            self.calibration.check_score_kind(self.score_kind())
+            if self.calibration.uses_durations and self.durations is None:
+                raise DataError(
+                    "the calibration uses the durations of the recordings: give them "
+                    "(utt2dur or wav.scp)"
+                )
+
+    def trial_seconds(self, trials: Trials) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Durations of the enrol and test side of each trial when the calibration uses them."""
+        if self.calibration is None or not self.calibration.uses_durations:
+            return None, None
+        where = str(trials.path)
+        return (
+            trial_seconds(self.durations, trials.enrol, trials.line_numbers, where),
+            trial_seconds(self.durations, trials.test, trials.line_numbers, where),
+        )
+
+
+def score_lists(
+    table: EmbeddingTable, trial_lists: Sequence[Trials], setup: ScoringSetup
+) -> list[np.ndarray]:
+    """Scores of every list: cosine, AS-normalised when a cohort is given, then calibrated to
+    LLRs when a calibration is given. Every id is checked before any score is computed."""
+    setup.check()
+    rows = [trial_rows(table, trials) for trials in trial_lists]
+    seconds = [setup.trial_seconds(trials) for trials in trial_lists]
+    norm = None
     if setup.cohort is not None:
-        scores = as_norm(scores, enrol_rows, test_rows, table.matrix, setup.cohort, setup.top_k)
+        every_row = np.concatenate([np.concatenate(pair) for pair in rows])
+        norm = AsNorm.for_rows(table.matrix, every_row, setup.cohort, setup.top_k)
+    all_scores = []
+    for (enrol_rows, test_rows), sides in zip(rows, seconds):
+        scores = cosine_scores(table.matrix, enrol_rows, test_rows)
+        if norm is not None:
+            scores = norm(scores, enrol_rows, test_rows)
+        if setup.calibration is not None:
+            scores = setup.calibration.apply(scores, *sides)
+        all_scores.append(scores)
+    return all_scores
+
+
+def list_metrics(trials: Trials, scores: np.ndarray, setup: ScoringSetup) -> Metrics:
+    """Metrics of one scored list (calibration metrics when the scores are calibrated)."""
     try:
-        rates = error_rates(scores, trials.labels)
+        return compute_metrics(
+            scores, trials.labels, setup.p_targets, llr=setup.calibration is not None
+        )
     except ValueError as err:
         raise DataError(f"{trials.path}: cannot compute metrics ({err})") from None
-    return scores, rates
 
 
 def score_trials(
@@ -472,42 +466,35 @@ def score_trials(
     setup: ScoringSetup | None = None,
 ) -> list[TrialResult]:
     """Score every trial list against the embeddings and write, under ``out_dir``:
-    ``<list>.score`` files, ``results.md``/``results.json`` and ``det.png``."""
+    ``<list>.score`` files, ``results.md``/``results.json`` and ``det.png``. Every input is
+    read and every score computed and checked before the first output is written."""
     setup = setup or ScoringSetup()
-    out_dir = Path(out_dir)
-    # Parse every list first so a broken one fails before any work is done.
+    setup.check()
     trial_lists = [read_trials(p) for p in trial_paths]
     names = [t.name for t in trial_lists]
     if len(set(names)) != len(names):
         raise DataError(f"trial lists must have different file names, got {names}")
     table = load_embeddings(embedding_scps)
+    all_scores = score_lists(table, trial_lists, setup)
+    all_metrics = [list_metrics(t, s, setup) for t, s in zip(trial_lists, all_scores)]
 
-    results, curves = [], {}
-    for trials in trial_lists:
-        scores, rates = score_trial_list(table, trials, setup)
+    out_dir = Path(out_dir)
+    results = []
+    for trials, scores, metrics in zip(trial_lists, all_scores, all_metrics):
         score_file = write_scores(out_dir / f"{trials.name}.score", trials, scores)
-        results.append(
-            TrialResult(
-                name=trials.name,
-                num_trials=len(trials),
-                num_targets=int(trials.labels.sum()),
-                eer=eer_from_rates(rates),
-                min_dcf={float(p): min_dcf_from_rates(rates, p) for p in setup.p_targets},
-                score_file=str(score_file),
-            )
-        )
-        curves[trials.name] = rates
-
+        results.append(TrialResult(trials.name, metrics, str(score_file)))
     if isinstance(embedding_scps, (str, Path)):
         embedding_scps = [embedding_scps]
-    settings = {
+    settings: dict[str, Any] = {
         "embeddings": [str(p) for p in embedding_scps],
         "normalisation": "as-norm" if setup.cohort is not None else "none",
         "p_targets": [float(p) for p in setup.p_targets],
     }
     if setup.cohort is not None:
         settings.update(top_k=setup.top_k, cohort_size=int(setup.cohort.shape[0]))
+    if setup.calibration is not None:
+        settings["calibration"] = setup.calibration.to_json()
     write_results(results, out_dir, settings)
     if setup.det_plot:
-        plot_det(curves, out_dir / "det.png")
+        plot_det({r.name: r.metrics.rates for r in results}, out_dir / "det.png")
     return results

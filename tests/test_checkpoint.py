@@ -19,6 +19,8 @@ from speakerlab.models.checkpoint import (
 )
 from speakerlab.pretrained import PRETRAINED, load_model
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 
 SMALL = {

@@ -89,7 +89,7 @@ def test_download_resumes_a_partial_file_with_a_range_request(tmp_path):
     assert path.read_bytes() == payload
     assert server.requests == [("/test.tar.gz", "bytes=100000-")]
     assert not (dest / "test.tar.gz.part").exists()
-    assert (dest / "test.tar.gz.md5ok").read_text().strip() == md5(payload)
+    assert (dest / "test.tar.gz.md5ok").read_text().split()[0] == md5(payload)
 
 
 def test_download_restarts_when_the_server_ignores_ranges(tmp_path):

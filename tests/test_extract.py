@@ -1,5 +1,7 @@
 """Batched, resumable, sharded extraction of a wav.scp into Kaldi ark/scp."""
 
+import json
+import logging
 import os
 import sys
 
@@ -9,16 +11,10 @@ import soundfile
 import torch
 from processes import run_bounded
 
-from speakerlab.errors import AudioError, ConfigError
-from speakerlab.extract import (
-    Embedder,
-    TorchEmbedder,
-    Utterance,
-    extract_embeddings,
-    finished_utterances,
-    make_batches,
-    read_embeddings,
-)
+from speakerlab.embedder import Embedder, TorchEmbedder
+from speakerlab.embedding_store import read_embeddings
+from speakerlab.errors import AudioError
+from speakerlab.extract import Utterance, extract_embeddings, make_batches
 from speakerlab.features import fbank
 from speakerlab.models import build_model
 from speakerlab.models.checkpoint import save_embedding_model
@@ -69,6 +65,10 @@ class CountingEmbedder(Embedder):
     def min_frames(self):
         return self.inner.min_frames
 
+    @property
+    def identity(self):
+        return self.inner.identity
+
     def embed_features(self, feats):
         if self.fail_after_batches is not None and self.batches >= self.fail_after_batches:
             raise KeyboardInterrupt("simulated interruption")
@@ -77,9 +77,33 @@ class CountingEmbedder(Embedder):
         return self.inner(feats)
 
 
+def smallest_accepted_frames(model, feat_dim=80, limit=100):
+    """Brute force, independent of the embedder's binary search: the shortest input (frames)
+    that the model turns into a finite embedding."""
+    generator = torch.Generator().manual_seed(3)
+    for frames in range(1, limit):
+        try:
+            with torch.inference_mode():
+                out = model(torch.randn(1, frames, feat_dim, generator=generator))
+        except Exception:
+            continue
+        if torch.isfinite(out).all():
+            return frames
+    raise AssertionError("no accepted length")
+
+
+def stored_utterances(out_dir):
+    """Utterances with a complete record line in the parts (read by hand from the JSON lines)."""
+    done = set()
+    for record in (out_dir / "parts").glob("*.jsonl"):
+        for line in record.read_text().split("\n")[1:-1]:
+            done.add(json.loads(line)["utt"])
+    return done
+
+
 def test_batches_hold_equal_frame_counts_only():
     utts = [
-        Utterance(f"u{i}", "x", frames)
+        Utterance(f"u{i}", "x", 0, "", 1, frames)
         for i, frames in enumerate([98, 148, 98, 148, 118, 98, 98, 75])
     ]
     batches = make_batches(utts, batch_size=3, max_batch_frames=10_000)
@@ -123,15 +147,17 @@ def test_interrupted_extraction_resumes_where_it_stopped(tmp_path, embedder):
         extract_embeddings(
             scp, CountingEmbedder(embedder, fail_after_batches=3), out, batch_size=2, progress=False
         )
-    done = finished_utterances(out)
+    done = stored_utterances(out)
     # Batches by length: [utt6] [utt0 utt2] [utt5] [utt4] [utt1 utt3] [utt7]; three were done.
     assert done == {"utt6", "utt0", "utt2", "utt5"}
     assert not (out / "embedding.scp").exists()
-    # A line cut short by the interruption does not count and is dropped on restart.
-    part = next((out / "parts").glob("part-*.scp"))
+    # A line cut short by the interruption does not count and is dropped on restart, as is
+    # an ark entry that no record line refers to.
+    part = next((out / "parts").glob("part-*.jsonl"))
     with open(part, "a") as f:
-        f.write("utt7 /some/where.ark:12")
-    assert finished_utterances(out) == done
+        f.write('{"utt": "utt7", "path": "x", "digest": "y", "start": 99999')
+    with open(part.with_suffix(".ark"), "ab") as f:
+        f.write(b"utt7 \0BFV\4garbage")
 
     resumed = CountingEmbedder(embedder)
     scp_out = extract_embeddings(scp, resumed, out, batch_size=2, progress=False)
@@ -161,17 +187,23 @@ def test_new_utterances_extend_a_finished_extraction(tmp_path, embedder):
     assert list(result) == [f"utt{i}" for i in range(len(LENGTHS))]
 
 
-def test_resuming_with_another_model_is_refused(tmp_path, embedder):
-    scp = write_wav_scp(tmp_path / "wavs", lengths=[16000, 16000])
-    extract_embeddings(scp, embedder, tmp_path / "out", progress=False, model_tag="/models/a.pt")
-    assert (tmp_path / "out" / "model_tag").read_text() == "/models/a.pt\n"
-    extract_embeddings(scp, embedder, tmp_path / "out", progress=False, model_tag="/models/a.pt")
-    with pytest.raises(
-        ConfigError, match="holds embeddings of model '/models/a.pt', not '/models/b.pt'"
-    ):
+def test_another_model_discards_the_stored_embeddings(tmp_path, embedder, caplog):
+    scp = write_wav_scp(tmp_path / "wavs", lengths=[16000, 16000, 24000])
+    out = tmp_path / "out"
+    first = read_embeddings(extract_embeddings(scp, embedder, out, progress=False))
+    other = CountingEmbedder(TorchEmbedder(small_model(seed=1)))
+    with caplog.at_level(logging.INFO, logger="speakerlab.extract"):
+        second = read_embeddings(extract_embeddings(scp, other, out, progress=False))
+    assert "model changed: discarding 3 embeddings" in caplog.text
+    assert other.utterances == 3
+    expected = read_embeddings(
         extract_embeddings(
-            scp, embedder, tmp_path / "out", progress=False, model_tag="/models/b.pt"
+            scp, TorchEmbedder(small_model(seed=1)), tmp_path / "fresh", progress=False
         )
+    )
+    for key in first:
+        assert not np.allclose(second[key], first[key], atol=1e-3)
+        np.testing.assert_allclose(second[key], expected[key], atol=1e-6)
 
 
 def test_unusable_recordings_are_listed_before_any_work(tmp_path, embedder):
@@ -188,8 +220,13 @@ def test_unusable_recordings_are_listed_before_any_work(tmp_path, embedder):
     message = str(error.value)
     assert "3 unusable recording(s)" in message
     assert "low_rate.wav: sample rate is 8000 Hz, expected 16000 Hz" in message
-    assert "short.wav: 0.040 s gives 2 frames, the model needs at least 9" in message
-    assert "broken.wav: cannot read audio header" in message
+    # 640 samples give 1 + (640 - 400) // 160 = 2 frames. ERes2Net halves the time axis three
+    # times (ceil each time) and its statistics pooling needs 2 frames for a standard deviation:
+    # ceil(ceil(ceil(n / 2) / 2) / 2) >= 2 first holds for n = 9. The brute-force scan agrees.
+    needed = smallest_accepted_frames(embedder.model)
+    assert needed == 9
+    assert f"short.wav: 0.040 s gives 2 frames, the model needs at least {needed}" in message
+    assert "broken.wav: not a readable audio file" in message
     assert counting.utterances == 0
 
 

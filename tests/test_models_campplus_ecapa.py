@@ -9,8 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from speakerlab.models import count_parameters
 from speakerlab.models.campplus import CAMPPlus, segment_average
 from speakerlab.models.ecapa_tdnn import ECAPATDNN
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 REFERENCE_DIR = Path(__file__).parent / "fixtures" / "reference"
 
@@ -119,7 +122,7 @@ def test_full_size_state_dict_matches_reference_manifest(entry):
         key: (shapes[key], expected[key]) for key in expected if shapes[key] != expected[key]
     }
     assert mismatched == {}
-    assert sum(p.numel() for p in model.parameters()) == manifest["num_parameters"]
+    assert count_parameters(model) == manifest["num_parameters"]
 
 
 @pytest.mark.parametrize("frames", [1, 37, 99, 100, 101, 200, 257])

@@ -12,24 +12,17 @@ import numpy as np
 import pytest
 import torch
 
+from speakerlab.models import count_parameters
 from speakerlab.models.eres2net import ERes2Net, Res2NetBottleneck
 from speakerlab.models.eres2netv2 import ERes2NetV2
 from speakerlab.models.pooling import TemporalStatsPool
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 MODEL_CLASSES = {"eres2net": ERes2Net, "eres2netv2": ERes2NetV2}
 # Constructor arguments of the small reference fixtures (fixtures README).
 SMALL_KWARGS = {"feat_dim": 80, "embedding_size": 32, "m_channels": 8}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Run these small models on one thread: on a shared 2-core machine, intra-op threads
-    oversubscribe the CPU and make each tiny forward pass ~10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def load_fixture(name: str) -> dict:
@@ -75,7 +68,7 @@ def test_full_size_state_dict_matches_reference_manifest(entry, model_class, kwa
     expected = manifest["state_dict"]
     mismatched = {k: (shape, expected[k]) for k, shape in shapes.items() if shape != expected[k]}
     assert not mismatched
-    assert sum(p.numel() for p in model.parameters()) == manifest["num_parameters"]
+    assert count_parameters(model) == manifest["num_parameters"]
 
 
 @pytest.mark.parametrize("frames", [20, 37, 200, 801])

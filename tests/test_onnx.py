@@ -9,12 +9,14 @@ import torch
 
 from speakerlab.bin import export_onnx as export_cli
 from speakerlab.bin import extract as extract_cli
-from speakerlab.errors import CheckpointError
-from speakerlab.extract import TorchEmbedder, extract_embeddings, read_embeddings
+from speakerlab.embedder import OnnxEmbedder, TorchEmbedder, choose_backend
+from speakerlab.embedding_store import read_embeddings
+from speakerlab.errors import CheckpointError, ConfigError
+from speakerlab.extract import extract_embeddings
 from speakerlab.inference import SpeakerVerifier
 from speakerlab.models import build_model
 from speakerlab.models.checkpoint import save_embedding_model
-from speakerlab.onnx_export import OnnxEmbedder, export_onnx
+from speakerlab.onnx_export import export_onnx
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 SMALL_CONFIGS = {
@@ -50,6 +52,7 @@ def test_onnx_matches_pytorch_at_any_batch_and_length(name, tmp_path):
     path = export_onnx(model, tmp_path / f"{name}.onnx", metadata={"model_name": name})
     embedder = OnnxEmbedder(path)
     assert embedder.feat_dim == 80
+    assert embedder.metadata.pop("export_key")  # a digest of what the export depends on
     assert embedder.metadata == {"feat_dim": 80, "model_name": name}
     generator = torch.Generator().manual_seed(1)
     # Two frame counts and batch sizes, both different from the export's example (2 x 200).
@@ -101,9 +104,13 @@ def test_onnx_backend_for_extraction_and_verification(tmp_path, capsys):
         extract_embeddings(wav_scp, onnx_embedder, tmp_path / "onnx", progress=False)
     )
     # On the CPU the extract command exports a checkpoint itself and runs ONNX Runtime: by
-    # default, and with --backend onnx; --backend torch keeps PyTorch.
-    assert extract_cli.choose_backend("auto", torch.device("cpu")) == "onnx"
-    assert extract_cli.choose_backend("torch", torch.device("cpu")) == "torch"
+    # default, and with --backend onnx; --backend torch keeps PyTorch (not for .onnx files).
+    assert choose_backend("auto", torch.device("cpu")) == "onnx"
+    assert choose_backend("auto", torch.device("cuda")) == "torch"
+    assert choose_backend("auto", torch.device("cuda"), "m.onnx") == "onnx"
+    assert choose_backend("torch", torch.device("cpu")) == "torch"
+    with pytest.raises(ConfigError, match="runs with ONNX Runtime, not PyTorch"):
+        choose_backend("torch", torch.device("cpu"), "m.onnx")
     extract_cli.main(
         [
             "--model",

@@ -1,4 +1,4 @@
-"""Trial parsing, cosine scoring, AS-Norm, score files, results table, DET plot and the CLI."""
+"""Cosine scoring, AS-Norm, score files, results table, DET plot and the CLI."""
 
 import json
 import math
@@ -10,19 +10,18 @@ import pytest
 
 from speakerlab.bin import score as score_cli
 from speakerlab.errors import DataError
-from speakerlab.metrics import compute_metrics
 from speakerlab.scoring import (
+    AsNorm,
     EmbeddingTable,
     ScoringSetup,
-    as_norm,
     cohort_statistics,
     cosine_scores,
     load_cohort,
     load_embeddings,
-    read_trials,
     score_trials,
     trial_rows,
 )
+from speakerlab.trials import read_trials
 
 VECTORS = {
     "a1": [1.0, 0.0, 0.0],
@@ -51,65 +50,6 @@ def write_scp(directory, vectors, name="embedding"):
 def write_trials(path, lines):
     path.write_text("".join(line + "\n" for line in lines))
     return path
-
-
-def test_read_trials_accepts_both_label_styles_and_skips_blank_lines(tmp_path):
-    path = write_trials(
-        tmp_path / "trials", ["a1 a2 target", "", "a1 b1 nontarget", "a2 b2 1", "  b1 b2   0  "]
-    )
-    trials = read_trials(path)
-    assert trials.enrol == ["a1", "a1", "a2", "b1"]
-    assert trials.test == ["a2", "b1", "b2", "b2"]
-    assert trials.labels.tolist() == [1, 0, 1, 0]
-    assert trials.line_numbers.tolist() == [1, 3, 4, 5]
-    assert trials.name == "trials"
-
-
-@pytest.mark.parametrize(
-    "lines, message",
-    [
-        (["a1 a2 target", "a1 b1"], r"trials:2: expected 3 fields .* got 2: 'a1 b1'"),
-        (["a1 a2 target", "a1 b1 nontarget extra"], r"trials:2: expected 3 fields .* got 4"),
-        (
-            ["a1 a2 target", "", "a1 b1 maybe"],
-            r"trials:3: label must be target/nontarget or 1/0, "
-            r"got 'maybe'",
-        ),
-        ([""], r"trials: trial list is empty"),
-    ],
-)
-def test_malformed_trial_lines_name_the_line(tmp_path, lines, message):
-    with pytest.raises(DataError, match=message):
-        read_trials(write_trials(tmp_path / "trials", lines))
-
-
-def test_field_counting_agrees_with_str_split():
-    from speakerlab.scoring import _fields_per_line
-
-    rng = np.random.default_rng(0)
-    pieces = ["a", "bb", "ccc", " ", "  ", "\t", "\n", "\r", "\x0b", "\x0c", "\x1f"]
-    for _ in range(200):
-        text = "".join(rng.choice(pieces, size=rng.integers(0, 40)))
-        expected = [len(line.split()) for line in text.split("\n")]
-        assert _fields_per_line(text).tolist() == expected, repr(text)
-
-
-def test_non_ascii_trial_lists(tmp_path):
-    path = write_trials(
-        tmp_path / "trials",
-        ["说话人1_a 说话人1_b target", "说话人1_a\t说话人2_a   0", "说话人2_a 说话人2_b"],
-    )
-    with pytest.raises(DataError, match="trials:3: expected 3 fields"):
-        read_trials(path)
-    trials = read_trials(
-        write_trials(tmp_path / "ok", ["说话人1_a 说话人1_b target", "说话人1_a\t说话人2_a   0"])
-    )
-    assert trials.test == ["说话人1_b", "说话人2_a"] and trials.labels.tolist() == [1, 0]
-
-
-def test_missing_trial_file(tmp_path):
-    with pytest.raises(DataError, match="trial list not found"):
-        read_trials(tmp_path / "nope")
 
 
 def test_unknown_utterance_names_the_line(tmp_path):
@@ -167,9 +107,11 @@ def test_as_norm_known_answer():
     np.testing.assert_allclose(stds, [0.2, 0.1], atol=1e-6)
     enrol, test = np.array([0, 0]), np.array([1, 0])
     raw = cosine_scores(matrix, enrol, test)
-    np.testing.assert_allclose(
-        as_norm(raw, enrol, test, matrix, cohort, top_k=2), [-6.5, 1.0], atol=1e-5
-    )
+    norm = AsNorm.for_rows(matrix, np.array([0, 1]), cohort, top_k=2)
+    np.testing.assert_allclose(norm(raw, enrol, test), [-6.5, 1.0], atol=1e-5)
+    # Statistics exist only for the rows asked for.
+    only_first = AsNorm.for_rows(matrix, np.array([0, 0]), cohort, top_k=2)
+    assert only_first.means[0] == pytest.approx(0.8) and np.isnan(only_first.means[1])
     # top_k larger than the cohort uses all of it: e {1, 0, -1, 0.6} has mean 0.15.
     means, _ = cohort_statistics(matrix, cohort, top_k=100)
     np.testing.assert_allclose(means, [0.15, 0.45], atol=1e-6)
@@ -183,6 +125,34 @@ def test_speaker_mean_cohort(tmp_path):
         cohort, [[1 / math.sqrt(2), 1 / math.sqrt(2)], [-1.0, 0.0]], atol=1e-6
     )
     assert load_cohort(scp).shape == (3, 2)
+
+
+def brute_force_points(scores, labels):
+    """(miss, false alarm) of accepting everything, then of rejecting scores <= each distinct
+    score in turn, counted trial by trial."""
+    targets = [s for s, y in zip(scores, labels) if y]
+    nontargets = [s for s, y in zip(scores, labels) if not y]
+    points = [(0.0, 1.0)]
+    for t in sorted(set(scores)):
+        miss = sum(s <= t for s in targets) / len(targets)
+        false_alarm = sum(s > t for s in nontargets) / len(nontargets)
+        points.append((miss, false_alarm))
+    return points
+
+
+def brute_force_eer(scores, labels):
+    """Where miss - false alarm turns from negative to non-negative, on the straight segment."""
+    points = brute_force_points(scores, labels)
+    for (m0, f0), (m1, f1) in zip(points, points[1:]):
+        if m0 - f0 < 0 <= m1 - f1:
+            a = (m1 - f1) / ((m1 - f1) - (m0 - f0))
+            return m1 - a * (m1 - m0)
+    raise AssertionError("no crossing")
+
+
+def brute_force_min_dcf(scores, labels, p):
+    costs = [p * m + (1 - p) * f for m, f in brute_force_points(scores, labels)]
+    return min(costs) / min(p, 1 - p)
 
 
 def make_scoring_case(tmp_path):
@@ -215,7 +185,7 @@ def test_score_trials_writes_scores_results_and_plot(tmp_path):
     for result, path in zip(results, lists.values()):
         lines = (out / f"{result.name}.score").read_text().splitlines()
         trial_lines = path.read_text().splitlines()
-        assert len(lines) == len(trial_lines) == result.num_trials
+        assert len(lines) == len(trial_lines) == 202
         fields = [line.split() for line in lines]
         assert [f[:3] for f in fields] == [t.split() for t in trial_lines]
         scores = np.array([float(f[3]) for f in fields])
@@ -223,18 +193,22 @@ def test_score_trials_writes_scores_results_and_plot(tmp_path):
             a, b = vectors[enrol], vectors[test]
             assert value == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), abs=1e-5)
         labels = np.array([f[2] == "target" for f in fields])
-        expected = compute_metrics(scores, labels, (0.01, 0.05))
-        assert result.eer == pytest.approx(expected.eer, abs=1e-5)
-        assert result.min_dcf[0.05] == pytest.approx(expected.min_dcf[0.05], abs=1e-5)
+        assert result.metrics.eer == pytest.approx(brute_force_eer(scores, labels), abs=1e-5)
+        assert result.metrics.min_dcf[0.05] == pytest.approx(
+            brute_force_min_dcf(scores, labels, 0.05), abs=1e-5
+        )
 
     table = (out / "results.md").read_text().splitlines()
     assert table[0] == "| trials | trials count | EER (%) | minDCF (p=0.01) | minDCF (p=0.05) |"
-    assert table[2].startswith(f"| trials_a | 202 | {100 * results[0].eer:.2f} |")
+    assert table[2].startswith(f"| trials_a | 202 | {100 * results[0].metrics.eer:.2f} |")
     assert table[3].startswith("| trials_b | 202 |")
     payload = json.loads((out / "results.json").read_text())
     assert payload["settings"]["normalisation"] == "none"
     assert [row["trials"] for row in payload["results"]] == ["trials_a", "trials_b"]
-    assert payload["results"][1]["min_dcf"]["0.05"] == pytest.approx(results[1].min_dcf[0.05])
+    assert payload["results"][1]["min_dcf"]["0.05"] == pytest.approx(
+        results[1].metrics.min_dcf[0.05]
+    )
+    assert "cllr" not in payload["results"][0]  # uncalibrated scores: not judged as LLRs
 
     image = matplotlib.image.imread(out / "det.png")
     assert image.shape[:2] == (600, 600)
@@ -256,11 +230,15 @@ def test_as_norm_run_records_settings(tmp_path):
     # Scores in the file are the normalised ones.
     first = (tmp_path / "out" / "trials_a.score").read_text().split("\n")[0].split()
     table = load_embeddings(scp)
-    rows = np.array([table.index[first[0]]]), np.array([table.index[first[1]]])
-    raw = cosine_scores(table.matrix, *rows)
-    expected = as_norm(raw, *rows, table.matrix, setup.cohort, 10)
-    assert float(first[3]) == pytest.approx(float(expected[0]), abs=1e-5)
-    assert results[0].num_trials == 202
+    # Independently: the top 10 cohort cosines of each side, their mean and population std.
+    e, t = (table.matrix[table.index[u]] for u in first[:2])
+    cosine = float(e @ t)
+    terms = []
+    for side in (e, t):
+        top = np.sort(setup.cohort @ side)[-10:].astype(np.float64)
+        terms.append((cosine - top.mean()) / top.std())
+    assert float(first[3]) == pytest.approx(0.5 * sum(terms), abs=1e-4)
+    assert results[0].metrics.num_targets + results[0].metrics.num_nontargets == 202
 
 
 def test_score_cli(tmp_path, capsys):

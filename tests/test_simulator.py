@@ -27,7 +27,7 @@ from local.simulate_mini_corpus import (
 )
 from speakerlab.audio import load_audio
 from speakerlab.data.kaldi_dir import read_table
-from speakerlab.data.kaldi_fbank import KaldiFbank
+from speakerlab.features import KaldiFbank
 
 UTT_PATTERN = re.compile(r"(3D_SPK_\d{5})_(\d{3})_Device(0[1-9])_Distance(\d{2})_Dialect(\d{2})")
 TINY = SimulationConfig(

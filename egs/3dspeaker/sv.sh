@@ -25,6 +25,7 @@ node_rank=0
 master_addr=127.0.0.1
 master_port=29500
 extract_batch_size=16
+calibrate=false         # true: hold out calibration speakers from training, calibrate in stage 5
 
 help_message="usage: $0 [options] [-- hydra overrides for training]
 
@@ -46,6 +47,10 @@ Options:
   --nproc N                    CPU processes when --gpus is empty
   --nnodes N --node_rank R --master_addr HOST --master_port PORT   multi-node training
   --extract_batch_size N       utterances per extraction batch
+  --calibrate true|false       hold 200 training speakers (10 % at most, 4 at least) out of
+                               training (stage 2) and fit a score calibration on them (stage 5):
+                               calibrated results in <exp>/scores_calibrated, and
+                               <exp>/model_calibrated.ckpt for verify
 Everything after -- is passed to training as Hydra overrides, e.g. -- trainer.epochs=10 optim.lr=0.1"
 
 . "$root/tools/parse_options.sh"
@@ -67,6 +72,9 @@ case "$corpus" in
 esac
 case "$download" in true|false) ;; *) die "--download must be true or false, not '$download'" ;; esac
 case "$mini_size" in default|ci) ;; *) die "--mini_size must be default or ci, not '$mini_size'" ;; esac
+case "$calibrate" in true|false) ;; *) die "--calibrate must be true or false, not '$calibrate'" ;; esac
+[ "$calibrate" = false ] || [ -z "$pretrained" ] || \
+  die "--calibrate needs a model trained here: a released model has seen every training speaker"
 [ -f "$root/conf/experiment/$experiment.yaml" ] || \
   die "unknown experiment '$experiment' (have: $(cd "$root/conf/experiment" && ls | sed 's/\.yaml$//' | tr '\n' ' '))"
 if [ -n "$lm_experiment" ] && [ ! -f "$root/conf/experiment/$lm_experiment.yaml" ]; then
@@ -77,6 +85,8 @@ if [ -n "$pretrained" ]; then exp="${exp:-exp/pretrained}"; else exp="${exp:-exp
 prepared="$data/3dspeaker"
 trials=("$prepared/trials/trials_cross_device" "$prepared/trials/trials_cross_distance"
         "$prepared/trials/trials_cross_dialect")
+train_dir="$prepared/train"
+[ "$calibrate" = false ] || train_dir="$prepared/train_fit"  # without the calibration speakers
 num_gpus=$(echo $gpus | wc -w)
 
 # launch CMD...: run a speakerlab command on every process of this node (torchrun) or directly.
@@ -98,7 +108,7 @@ train() {
   local experiment_name=$1 exp_dir=$2; shift 2
   local device=cpu; [ "$num_gpus" -gt 0 ] && device=cuda
   launch train "experiment=$experiment_name" "exp_dir=$exp_dir" "trainer.device=$device" \
-    "data.train_dir=$prepared/train" "data.index=$exp_dir/train_index.tsv" \
+    "data.train_dir=$train_dir" "data.index=$exp_dir/train_index.tsv" \
     "data.noise_list=$data/musan/wav.scp" "data.rir_list=$data/rirs/wav.scp" "$@"
 }
 
@@ -115,6 +125,32 @@ score_trials() {
   log "scoring ${#trials[@]} trial lists into $1/scores"
   speakerlab score --embeddings "$1/embeddings/test/embedding.scp" --trials "${trials[@]}" \
     --out-dir "$1/scores"
+}
+
+# hold_out_speakers: 200 training speakers (10 % at most, 4 at least; seed 0) go to
+# $prepared/calibration with a balanced list of up to 20,000 target and as many non-target
+# trials; the other speakers go to $train_dir.
+hold_out_speakers() {
+  speakerlab make-trials --data-dir "$prepared/train" --speakers 200 \
+    --out-dir "$prepared/calibration" --rest-dir "$train_dir"
+}
+
+# calibrate_model EXP_DIR MODEL: fit a calibration on the held-out speakers' trials (refused if
+# EXP_DIR was trained on them), score the test lists with it, and write MODEL with it inside.
+calibrate_model() {
+  local trained_on
+  trained_on=$(python -c 'import sys; from omegaconf import OmegaConf
+print(OmegaConf.load(sys.argv[1]).data.train_dir)' "$1/config.yaml")
+  [ "$(realpath -m "$trained_on")" = "$(realpath -m "$train_dir")" ] || \
+    die "$1 was trained on $trained_on, which holds the calibration speakers: rerun from stage 2"
+  log "calibrating $2 on the held-out speakers in $prepared/calibration"
+  launch extract --model "$2" --wav-scp "$prepared/calibration/wav.scp" \
+    --out-dir "$1/embeddings/calibration" --batch-size "$extract_batch_size"
+  speakerlab calibrate --embeddings "$1/embeddings/calibration/embedding.scp" \
+    --trials "$prepared/calibration/trials" --out "$1/calibration.json" \
+    --model "$2" --model-out "${2%.ckpt}_calibrated.ckpt"
+  speakerlab score --embeddings "$1/embeddings/test/embedding.scp" --trials "${trials[@]}" \
+    --calibration "$1/calibration.json" --out-dir "$1/scores_calibrated"
 }
 
 if run_stage 1; then
@@ -142,7 +178,9 @@ fi
 
 if run_stage 2 && [ -z "$pretrained" ]; then
   log "stage 2: training index"
-  speakerlab make-index --data_dir "$prepared/train" --out "$exp/train_index.tsv"
+  if [ "$calibrate" = true ]; then hold_out_speakers; fi
+  speakerlab make-index --data_dir "$train_dir" --out "$exp/train_index.tsv" \
+    "experiment=$experiment" "${train_overrides[@]+"${train_overrides[@]}"}"
 fi
 
 if run_stage 3 && [ -z "$pretrained" ]; then
@@ -163,16 +201,19 @@ fi
 if run_stage 5; then
   log "stage 5: scoring"
   score_trials "$exp"
+  if [ "$calibrate" = true ]; then calibrate_model "$exp" "$exp/model.ckpt"; fi
 fi
 
 if run_stage 6 && [ -n "$lm_experiment" ]; then
   [ -z "$pretrained" ] || die "stage 6 fine-tunes a model trained in stage 3; not with --pretrained"
   lm_exp="${exp}_lm"
   log "stage 6: large-margin fine-tuning ($lm_experiment) from $exp into $lm_exp"
-  speakerlab make-index --data_dir "$prepared/train" --out "$lm_exp/train_index.tsv"
+  speakerlab make-index --data_dir "$train_dir" --out "$lm_exp/train_index.tsv" \
+    "experiment=$lm_experiment" "${train_overrides[@]+"${train_overrides[@]}"}"
   train "$lm_experiment" "$lm_exp" "trainer.init_from=$exp" \
     "${train_overrides[@]+"${train_overrides[@]}"}"
   speakerlab export --checkpoint "$lm_exp" --out "$lm_exp/model.ckpt"
   extract_embeddings "$lm_exp/model.ckpt" "$lm_exp"
   score_trials "$lm_exp"
+  if [ "$calibrate" = true ]; then calibrate_model "$lm_exp" "$lm_exp/model.ckpt"; fi
 fi

@@ -12,7 +12,7 @@ from speakerlab.errors import SpeakerlabError
 def exits_on_error(command: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Decorate a subcommand's ``main``: a :class:`SpeakerlabError` (bad input, missing file, ...)
     ends the command with one line ``speakerlab <command>: error: <message>`` and exit status 1
-    instead of a traceback."""
+    instead of a traceback (see :func:`speakerlab.distributed.error_report` under torchrun)."""
 
     def decorate(main: Callable[..., None]) -> Callable[..., None]:
         @functools.wraps(main)
@@ -20,7 +20,11 @@ def exits_on_error(command: str) -> Callable[[Callable[..., None]], Callable[...
             try:
                 main(*args, **kwargs)
             except SpeakerlabError as err:
-                print(f"speakerlab {command}: error: {err}", file=sys.stderr)
+                from speakerlab.distributed import error_report
+
+                report = error_report(err)  # under torchrun: once per node when all ranks fail
+                if report is not None:
+                    print(f"speakerlab {command}: error: {report}", file=sys.stderr)
                 sys.exit(1)
 
         return wrapped

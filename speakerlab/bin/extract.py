@@ -1,23 +1,26 @@
-"""``speakerlab extract``: embed each utterance of a wav.scp into ``<out-dir>/embedding.{ark,scp}``.
+"""``speakerlab extract``: embed each utterance of a wav.scp into ``<out-dir>/embedding.scp``.
 
-Utterances are embedded whole, batched by equal frame count, and the run resumes where an
-interrupted one stopped. Run under ``torchrun --nproc_per_node N`` to split the work over N
-processes (GPUs when present); rank 0 merges the parts.
+Utterances are embedded whole (recordings longer than --window-seconds in windows whose embeddings
+are averaged), batched by equal frame count. A run resumes what an earlier run of the same model
+left in --out-dir; what another model made, or what was made from files that changed since, is
+embedded again (the log says how many). Only one run writes a folder at a time. Utterances that
+turn out unusable while they are embedded (e.g. NaN samples) are skipped and listed in
+<out-dir>/skipped.txt. Run under ``torchrun --nproc_per_node N`` to split the work over N processes
+(GPUs when present); rank 0 merges the parts.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-import torch
+import logging
 
 from speakerlab.bin import exits_on_error
-from speakerlab.distributed import DistContext, barrier, init_distributed
+from speakerlab.distributed import init_distributed
+from speakerlab.embedder import BACKENDS, DEFAULT_MAX_BATCH_FRAMES, DEFAULT_WINDOW_SECONDS
 from speakerlab.errors import ConfigError
-from speakerlab.extract import Embedder, extract_embeddings
+from speakerlab.extract import extract_with_model
 
-EXTRACT_TIMEOUT_MINUTES = 48 * 60
+DIST_TIMEOUT_MINUTES = 30.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="registry id, checkpoint file (ours or released) or .onnx file",
     )
     parser.add_argument("--wav-scp", required=True, help="'utt path' list of 16 kHz recordings")
-    parser.add_argument("--out-dir", required=True, help="where embedding.{ark,scp} go")
+    parser.add_argument("--out-dir", required=True, help="where embedding.scp and its files go")
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -42,8 +45,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-batch-frames",
         type=int,
-        default=16000,
-        help="most fbank frames per batch (default %(default)s = 160 s)",
+        default=DEFAULT_MAX_BATCH_FRAMES,
+        help="most fbank frames given to the model at once; bounds its memory "
+        "(default %(default)s = 60 s)",
+    )
+    parser.add_argument(
+        "--window-seconds",
+        type=float,
+        default=DEFAULT_WINDOW_SECONDS,
+        help="recordings longer than this are embedded in windows of at most this length, "
+        "their embeddings averaged (default %(default)s)",
     )
     parser.add_argument(
         "--num-workers",
@@ -53,82 +64,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--backend",
-        choices=["auto", "torch", "onnx"],
+        choices=BACKENDS,
         default="auto",
-        help="onnx: ONNX Runtime on the CPU, the model exported to "
-        "<out-dir>/model.onnx first (1.2x the speed of PyTorch there, same "
-        "embeddings to 1e-6); torch: PyTorch; auto (default): onnx on the CPU, "
-        "torch on a GPU",
+        help="onnx: ONNX Runtime on the CPU, the model exported to <out-dir>/model.onnx first "
+        "(again only when the model changed); torch: PyTorch; auto (default): onnx on the CPU "
+        "and for .onnx files, torch on a GPU",
     )
     parser.add_argument(
         "--device",
         default="auto",
         help="auto (this rank's GPU if any, else CPU), cpu, cuda, cuda:N",
     )
+    parser.add_argument(
+        "--lock-wait-seconds",
+        type=float,
+        default=0.0,
+        help="if another run is writing --out-dir, wait this long for it before giving up "
+        "(default %(default)s: give up at once)",
+    )
+    parser.add_argument(
+        "--dist-timeout-minutes",
+        type=float,
+        default=DIST_TIMEOUT_MINUTES,
+        help="under torchrun: how long a rank waits for the others at a synchronisation point "
+        "before the run stops (default %(default)s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
-
-
-def model_tag(source: str) -> str:
-    """What identifies the model in the output directory: a file's absolute path or the id."""
-    path = Path(source)
-    return str(path.resolve()) if path.is_file() else source
-
-
-def choose_backend(backend: str, device: torch.device) -> str:
-    """``auto``: ONNX Runtime when extraction runs on the CPU, PyTorch on a GPU."""
-    if backend != "auto":
-        return backend
-    return "onnx" if device.type == "cpu" else "torch"
-
-
-def build_embedder(args: argparse.Namespace, ranks: DistContext) -> Embedder:
-    """The PyTorch model, or ONNX Runtime on a given .onnx file or on an export of the model
-    that rank 0 writes to ``<out-dir>/model.onnx`` (ONNX Runtime is faster on the CPU)."""
-    from speakerlab.inference import load_embedder
-
-    backend = choose_backend(args.backend, ranks.device)
-    if backend == "torch" or args.model.endswith(".onnx"):
-        return load_embedder(args.model, ranks.device)[0]
-    from speakerlab.onnx_export import OnnxEmbedder, export_onnx
-    from speakerlab.pretrained import load_model
-
-    if ranks.device.type != "cpu":
-        raise ConfigError("--backend onnx runs on the CPU; use --device cpu")
-    onnx_path = Path(args.out_dir) / "model.onnx"
-    if ranks.is_main:  # always: a file left there by another model must not be used
-        loaded = load_model(args.model)
-        export_onnx(
-            loaded.model,
-            onnx_path,
-            metadata={
-                "model_name": loaded.name,
-                "model_kwargs": loaded.kwargs,
-                "source": loaded.source,
-            },
-        )
-    barrier(ranks)
-    return OnnxEmbedder(onnx_path, num_threads=torch.get_num_threads())
 
 
 def run(args: argparse.Namespace) -> None:
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
-    # Ranks wait for each other at the end, possibly for hours: a long collective timeout.
+    if not args.dist_timeout_minutes > 0:
+        raise ConfigError(
+            f"--dist-timeout-minutes must be positive, got {args.dist_timeout_minutes}"
+        )
+    logging.basicConfig(level=logging.INFO, format="speakerlab extract: %(message)s")
     ranks = init_distributed(
-        args.device, EXTRACT_TIMEOUT_MINUTES, backend="gloo", option="--device"
+        args.device, args.dist_timeout_minutes, backend="gloo", option="--device"
     )
-    embedder = build_embedder(args, ranks)
-    scp = extract_embeddings(
+    scp = extract_with_model(
+        args.model,
         args.wav_scp,
-        embedder,
         args.out_dir,
+        backend=args.backend,
+        ranks=ranks,
+        lock_wait_seconds=args.lock_wait_seconds,
         batch_size=args.batch_size,
         max_batch_frames=args.max_batch_frames,
+        window_seconds=args.window_seconds,
         num_workers=args.num_workers,
-        ranks=ranks,
         progress=not args.no_progress,
-        model_tag=model_tag(args.model),
     )
     if ranks.is_main:
         print(f"embeddings: {scp}")

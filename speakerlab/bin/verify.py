@@ -3,7 +3,12 @@
 Prints the cosine score and the decision (same speaker when the score reaches the threshold).
 The threshold is the model's (0.249 for the released 3D-Speaker models, or the one stored in an
 ONNX file exported from them); ``--threshold`` overrides it and is required for checkpoints whose
-threshold is unknown (e.g. your own: use the EER threshold of your development trials).
+threshold is unknown (e.g. your own: use the EER threshold of your development trials). A model
+that carries a calibration (``speakerlab calibrate --model-out``; the recipe's
+``model_calibrated.ckpt``) also prints the log-likelihood ratio, which decides at the Bayes
+threshold of the calibration's p_target unless ``--threshold`` is given.
+Recordings longer than --window-seconds are embedded in windows whose embeddings are averaged, so
+the model's memory does not grow with the length of a recording.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from speakerlab.bin import exits_on_error
+from speakerlab.embedder import DEFAULT_MAX_BATCH_FRAMES, DEFAULT_WINDOW_SECONDS
 from speakerlab.inference import DEFAULT_MODEL, SpeakerVerifier
 
 
@@ -29,14 +35,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threshold", type=float, help="decision threshold on the cosine score")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument(
+        "--window-seconds",
+        type=float,
+        default=DEFAULT_WINDOW_SECONDS,
+        help="recordings longer than this are embedded in windows of at most this length, "
+        "their embeddings averaged (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-batch-frames",
+        type=int,
+        default=DEFAULT_MAX_BATCH_FRAMES,
+        help="most fbank frames given to the model at once (default %(default)s)",
+    )
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
-    verifier = SpeakerVerifier.load(args.model, threshold=args.threshold, device=args.device)
+    verifier = SpeakerVerifier.load(
+        args.model,
+        threshold=args.threshold,
+        device=args.device,
+        window_seconds=args.window_seconds,
+        max_batch_frames=args.max_batch_frames,
+    )
     result = verifier.verify(args.enrol, args.test)
     decision = "same speaker" if result.same_speaker else "different speakers"
     print(f"score: {result.score:.4f}")
+    if result.llr is not None:
+        calibration = verifier.calibration
+        print(
+            f"llr: {result.llr:.4f} (calibrated; same speaker when llr >= "
+            f"{calibration.threshold_for():.4f}, the Bayes threshold at p_target "
+            f"{calibration.p_target:g})"
+        )
     print(f"decision: {decision} (threshold {result.threshold:g})")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import scipy.fft
 
-from speakerlab.audio import SAMPLE_RATE, audio_info, read_audio
+from speakerlab.audio import SAMPLE_RATE, audio_info, audio_truncation, read_audio
 from speakerlab.data.kaldi_dir import read_wav_scp
 from speakerlab.errors import AudioError, DataError
 
@@ -62,13 +62,23 @@ def add_reverb(wav: np.ndarray, rir: np.ndarray) -> np.ndarray:
 
 
 def mix_at_snr(wav: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
-    """``wav + g * noise`` with ``g`` such that the speech-to-noise power ratio is ``snr_db``."""
+    """``wav + g * noise``, with the gain ``g`` that makes the ratio of the mean powers of ``wav``
+    and ``g * noise`` equal to ``snr_db`` decibels.
+
+    ``wav`` and ``noise`` are 1-D and of the same length; the result is a new array of ``wav``'s
+    dtype (float32 in training, float64 in the simulator). If either input is all zeros there is
+    no such gain: the result is a copy of ``wav``.
+    """
+    if wav.shape != noise.shape or wav.ndim != 1:
+        raise ValueError(
+            f"mix_at_snr needs 1-D arrays of one length, got {wav.shape} and {noise.shape}"
+        )
     speech_power = energy(wav) / len(wav)
     noise_power = energy(noise) / len(noise)
     if speech_power == 0 or noise_power == 0:
         return wav.copy()
     gain = math.sqrt(speech_power / (noise_power * 10.0 ** (snr_db / 10.0)))
-    return (wav + gain * noise).astype(np.float32, copy=False)
+    return (wav + gain * noise).astype(wav.dtype, copy=False)
 
 
 def add_noise(wav: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
@@ -113,8 +123,12 @@ class Augmenter:
         for path in read_wav_scp(list_path).values():
             try:
                 info = audio_info(path)
+                truncation = audio_truncation(path)
             except AudioError as err:
                 logger.warning("leaving out %s file: %s", what, err)
+                continue
+            if truncation:
+                logger.warning("leaving out %s file: %s", what, truncation)
                 continue
             if info.samplerate != SAMPLE_RATE or info.frames == 0:
                 logger.warning(
@@ -153,8 +167,11 @@ class Augmenter:
         else:
             noise, _ = read_audio(path)
             noise = np.tile(noise, -(-length // len(noise)))
-        if len(noise) < length:  # the header promised more than the file holds
-            noise = np.pad(noise, (0, length - len(noise)))
+        if len(noise) < length:
+            raise AudioError(
+                f"{path}: holds fewer samples than the {total} its header gave when the noise "
+                "list was read (the file changed since)"
+            )
         return noise[:length]
 
     def __call__(self, wav: np.ndarray, rng: np.random.Generator) -> np.ndarray:

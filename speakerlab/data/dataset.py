@@ -16,6 +16,7 @@ and a substitute row, drawn from the same seeded generator, takes its place.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,17 +30,29 @@ from torch.utils.data import Dataset
 from speakerlab.audio import SAMPLE_RATE
 from speakerlab.data.augment import Augmenter
 from speakerlab.data.index import TrainIndex, load_train_index
-from speakerlab.data.kaldi_fbank import KaldiFbank
 from speakerlab.data.speed_perturb import SpeedPerturbation
 from speakerlab.errors import AudioError, ConfigError
+from speakerlab.features import KaldiFbank
 
 logger = logging.getLogger(__name__)
 
 MAX_SUBSTITUTES = 10  # rows tried in place of one that fails before giving up
 
 
+def init_data_worker(worker_id: int = 0) -> None:
+    """Set up a training DataLoader worker (its ``worker_init_fn``): one compute thread, and the
+    objects inherited from the training process frozen out of the garbage collector.
+
+    A forked worker shares the training process's memory until it writes to a page. A full
+    collection writes to every object the collector tracks (tens of MB of pages once torch is
+    imported) and so would copy them all into each worker; frozen, they are never visited.
+    """
+    gc.freeze()
+    limit_worker_threads(worker_id)
+
+
 def limit_worker_threads(worker_id: int = 0) -> None:
-    """One compute thread per data worker (a ``DataLoader`` ``worker_init_fn``).
+    """One compute thread per data worker.
 
     The DataLoader limits torch in its workers, not numpy's BLAS, which would otherwise start a
     thread per core in every worker for the resampler's matrix products: on a machine whose cores

@@ -7,26 +7,32 @@ data directory fails at once instead of deep inside training or extraction.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from speakerlab.errors import DataError
 from speakerlab.fileio import atomic_write
 
 
-def read_table(path: str | Path, num_fields: int = 2) -> dict[str, str]:
-    """Read ``key value`` lines into an ordered dict.
+def iter_table(path: str | Path, num_fields: int = 2) -> Iterator[tuple[int, str, str]]:
+    """``(line number, key, value)`` of each non-empty ``key value`` line, read as a stream.
 
     With ``num_fields=2`` the value is the rest of the line after the first whitespace (paths
-    may contain spaces). Empty lines are skipped; a short line or a repeated key is an error.
+    may contain spaces). A short line or a line that is not UTF-8 is an error naming the line;
+    repeated keys are not checked here (see :func:`read_table`).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    table: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                    f"{err.start + 1}); save the list as UTF-8"
+                ) from None
             if not line:
                 continue
             fields = line.split(maxsplit=1 if num_fields == 2 else -1)
@@ -34,10 +40,17 @@ def read_table(path: str | Path, num_fields: int = 2) -> dict[str, str]:
                 raise DataError(
                     f"{path}:{lineno}: expected {num_fields} fields, got {len(fields)}: {line!r}"
                 )
-            key = fields[0]
-            if key in table:
-                raise DataError(f"{path}:{lineno}: duplicate key {key!r}")
-            table[key] = fields[1] if num_fields == 2 else " ".join(fields[1:])
+            yield lineno, fields[0], fields[1] if num_fields == 2 else " ".join(fields[1:])
+
+
+def read_table(path: str | Path, num_fields: int = 2) -> dict[str, str]:
+    """Read ``key value`` lines (see :func:`iter_table`) into an ordered dict; a repeated key is
+    an error naming its line."""
+    table: dict[str, str] = {}
+    for lineno, key, value in iter_table(path, num_fields):
+        if key in table:
+            raise DataError(f"{path}:{lineno}: duplicate key {key!r}")
+        table[key] = value
     return table
 
 

@@ -1,16 +1,12 @@
 """Speed perturbation that reads and resamples only the part of a file a crop needs.
 
 Changing the speed by a factor ``s`` is resampling by ``1/s``: 0.9 turns every 9 samples into 10
-(slower, lower pitch, a longer file), 1.1 turns 11 into 10. torchaudio's polyphase resampler
-works in blocks of ``orig`` input samples that give ``new`` output samples, each output using
-only input within ``width`` samples of its block. So resampling a stretch that starts on a block
-boundary and has ``width`` spare samples on each side gives exactly the samples that perturbing
-the whole file would give there, at a fraction of the reading and computing cost.
-
-The resampling itself uses torchaudio's kernel but applies it as a polyphase filter: the input cut
-into blocks of ``orig`` samples, each block of ``new`` outputs a sum of a few small matrix
-products with slices of the kernel. That is the same arithmetic as torchaudio's strided
-convolution (equal to float rounding) at about twice its speed on short crops.
+(slower, lower pitch, a longer file), 1.1 turns 11 into 10. The resampler
+(:mod:`speakerlab.resample`) works in blocks of ``orig`` input samples that give ``new`` output
+samples, each output using only input within ``width`` samples of its block. So resampling a
+stretch that starts on a block boundary and has ``width`` spare samples on each side gives exactly
+the samples that perturbing the whole file would give there, at a fraction of the reading and
+computing cost.
 """
 
 from __future__ import annotations
@@ -19,9 +15,10 @@ from fractions import Fraction
 
 import numpy as np
 import torch
-import torchaudio.transforms
 
 from speakerlab.audio import read_audio
+from speakerlab.errors import AudioError
+from speakerlab.resample import Resampler
 
 
 def speed_ratio(speed: float) -> tuple[int, int]:
@@ -32,62 +29,25 @@ def speed_ratio(speed: float) -> tuple[int, int]:
     return ratio.numerator, ratio.denominator
 
 
-class PolyphaseResampler:
-    """``orig`` -> ``new`` samples with the kernel of ``torchaudio.transforms.Resample(orig, new)``.
-
-    Gives what torchaudio's resampler gives for a 1-D float32 waveform (including its length,
-    ``ceil(len * new / orig)``), within float32 rounding.
-    """
-
-    def __init__(self, orig: int, new: int):
-        reference = torchaudio.transforms.Resample(orig, new)
-        kernel = reference.kernel[:, 0, :].numpy()  # (new, taps): output phase x input offset
-        self.orig, self.new, self.width = orig, new, int(reference.width)
-        num_parts = -(-kernel.shape[1] // orig)
-        weights = np.zeros((num_parts * orig, new), dtype=np.float32)
-        weights[: kernel.shape[1]] = kernel.T
-        # Part j multiplies the input block j places after the output block's own.
-        self.parts = [weights[j * orig : (j + 1) * orig] for j in range(num_parts)]
-
-    def output_length(self, num_samples: int) -> int:
-        return -(-int(num_samples) * self.new // self.orig)
-
-    def __call__(self, wav: np.ndarray) -> np.ndarray:
-        out_length = self.output_length(len(wav))
-        num_blocks = -(-out_length // self.new)
-        # torchaudio pads ``width`` zeros in front; the zeros behind cover the last block's reach.
-        padded = np.zeros((num_blocks + len(self.parts) - 1) * self.orig, dtype=np.float32)
-        kept = min(len(wav), len(padded) - self.width)
-        padded[self.width : self.width + kept] = wav[:kept]
-        blocks = padded.reshape(-1, self.orig)
-        out = blocks[:num_blocks] @ self.parts[0]
-        for j, part in enumerate(self.parts[1:], start=1):
-            out += blocks[j : j + num_blocks] @ part
-        return out.reshape(-1)[:out_length]
-
-
 class SpeedPerturbation:
     """Reads crops of files as if each whole file had been speed-perturbed first."""
 
     def __init__(self, speeds: tuple[float, ...]):
         self.speeds = tuple(float(s) for s in speeds)
         self.ratios = {s: speed_ratio(s) for s in self.speeds if s != 1.0}
-        self.resamplers = {
-            s: PolyphaseResampler(orig, new) for s, (orig, new) in self.ratios.items()
-        }
+        self.resamplers = {s: Resampler(orig, new) for s, (orig, new) in self.ratios.items()}
 
     def perturbed_length(self, num_samples: int, speed: float) -> int:
-        """Length of the whole file after perturbation (as torchaudio's resampler gives it)."""
+        """Length of the whole file after perturbation."""
         if speed == 1.0:
             return int(num_samples)
         return self.resamplers[speed].output_length(num_samples)
 
     def perturb(self, wav: torch.Tensor, speed: float) -> torch.Tensor:
-        """The whole waveform at ``speed``, by torchaudio (what :meth:`read_crop` reproduces)."""
+        """The whole waveform at ``speed`` (what :meth:`read_crop` reproduces piece by piece)."""
         if speed == 1.0:
             return wav
-        orig, new = self.ratios[speed]
-        return torchaudio.functional.resample(wav, orig, new)
+        return torch.from_numpy(self.resamplers[speed](wav.float().numpy()))
 
     def read_crop(
         self, path: str, num_samples: int, speed: float, start: int, length: int
@@ -109,8 +69,7 @@ class SpeedPerturbation:
         out = resampler(chunk)
         offset = start - first_block * new
         piece = out[offset : offset + length]
-        # Beyond the end of the perturbed file there is nothing (nor beyond what the file really
-        # holds, should it be shorter than its indexed length): pad with zeros.
+        # Beyond the end of the perturbed file there is nothing: pad with zeros.
         valid = max(0, min(length, self.perturbed_length(num_samples, speed) - start, len(piece)))
         result = np.zeros(length, dtype=np.float32)
         result[:valid] = piece[:valid]
@@ -118,10 +77,14 @@ class SpeedPerturbation:
 
 
 def _read_padded(path: str, start: int, frames: int, length: int) -> np.ndarray:
-    """``frames`` samples from ``start``, zero-padded to ``length``."""
+    """``frames`` samples from ``start`` (inside the file by its indexed length), zero-padded to
+    ``length``; a file shorter than its index entry is an error, not a silently padded crop."""
     if frames <= 0:
         return np.zeros(length, dtype=np.float32)
     samples, _ = read_audio(path, start, frames)
-    if len(samples) >= length:
-        return np.ascontiguousarray(samples[:length])
-    return np.pad(samples, (0, length - len(samples)))
+    if len(samples) < frames:
+        raise AudioError(
+            f"{path}: holds {start + len(samples)} samples, its index entry promises at least "
+            f"{start + frames}: the file changed after the index was built (rebuild the index)"
+        )
+    return np.pad(samples, (0, length - frames)) if length > frames else samples

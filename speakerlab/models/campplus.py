@@ -25,11 +25,13 @@ Python branching on tensor values), so the model exports with dynamic batch and 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speakerlab.models import ModelSpec, Shapes
 from speakerlab.models.pooling import TemporalStatsPool
 
 # Dense-block layout of the reference model: (layers, kernel size, dilation) per block.
@@ -37,6 +39,8 @@ DENSE_BLOCKS = ((12, 3, 1), (24, 3, 2), (16, 3, 2))
 # Length (in frames after the stride-2 TDNN layer) of the segments the CAM masks average over.
 CAM_SEGMENT_FRAMES = 100
 FCM_CHANNELS = 32
+# Stride-2 convolutions along frequency in the FCM: its two stages and its final convolution.
+FCM_FREQUENCY_HALVINGS = 3
 
 
 def segment_average(x: torch.Tensor, segment_frames: int) -> torch.Tensor:
@@ -115,7 +119,7 @@ class FrontEndConvModule(nn.Module):
         self.conv2 = nn.Conv2d(channels, channels, 3, stride=(2, 1), padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
         bands = feat_dim
-        for _ in range(3):  # each stride-2, padding-1, kernel-3 convolution gives ceil(n / 2)
+        for _ in range(FCM_FREQUENCY_HALVINGS):  # a stride-2, padding-1, kernel-3 conv: ceil(n/2)
             bands = (bands + 1) // 2
         self.out_channels = channels * bands
 
@@ -333,3 +337,29 @@ class CAMPPlus(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         return self.xvector(self.head(x.transpose(1, 2)))
+
+
+def campplus_kwargs(shapes: Shapes) -> dict[str, Any]:
+    """CAM++ constructor arguments giving these state-dict shapes.
+
+    The weights fix only the FCM's frequency bands, so ``feat_dim`` is known up to a factor of 8;
+    the multiple is returned (80 for the released models).
+    """
+    growth_rate = shapes["xvector.block1.tdnnd1.cam_layer.linear_local.weight"][0]
+    init_channels, fcm_out_channels, _ = shapes["xvector.tdnn.linear.weight"]
+    bands = fcm_out_channels // shapes["head.conv2.weight"][0]
+    return {
+        "feat_dim": bands * 2**FCM_FREQUENCY_HALVINGS,
+        "embedding_size": shapes["xvector.dense.linear.weight"][0],
+        "growth_rate": growth_rate,
+        "bn_size": shapes["xvector.block1.tdnnd1.linear1.weight"][0] // growth_rate,
+        "init_channels": init_channels,
+    }
+
+
+SPEC = ModelSpec(
+    name="campplus",
+    build=CAMPPlus,
+    signature_key="xvector.dense.linear.weight",
+    kwargs_from_shapes=campplus_kwargs,
+)

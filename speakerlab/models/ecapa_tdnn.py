@@ -22,11 +22,15 @@ from SpeechBrain's layout), so its released checkpoints load with ``strict=True`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from speakerlab.models import ModelSpec, Shapes
 
 # Floor of the pooled variance: keeps sqrt and its gradient finite on constant inputs.
 VARIANCE_FLOOR = 1e-12
@@ -270,3 +274,33 @@ class ECAPATDNN(nn.Module):
         aggregated = self.mfa(torch.cat(block_outputs, dim=1))
         pooled = self.asp_bn(self.asp(aggregated))
         return self.fc(pooled).squeeze(-1)
+
+
+def ecapa_tdnn_kwargs(shapes: Shapes) -> dict[str, Any]:
+    """ECAPA-TDNN constructor arguments giving these state-dict shapes (three SE-Res2Net blocks,
+    as in every released model: the dilations of another count are not in the weights)."""
+    block_widths = [shapes["blocks.0.conv.conv.weight"][0]] + [
+        shapes[f"blocks.{i}.tdnn1.conv.conv.weight"][0] for i in (1, 2, 3)
+    ]
+    # A Res2Net block of scale s convolves s - 1 of its s channel groups.
+    res2net_convs = [
+        k
+        for k in shapes
+        if re.fullmatch(r"blocks\.1\.res2net_block\.blocks\.\d+\.conv\.conv\.weight", k)
+    ]
+    return {
+        "feat_dim": shapes["blocks.0.conv.conv.weight"][1],
+        "embedding_size": shapes["fc.conv.weight"][0],
+        "channels": block_widths + [shapes["mfa.conv.conv.weight"][0]],
+        "attention_channels": shapes["asp.tdnn.conv.conv.weight"][0],
+        "res2net_scale": len(res2net_convs) + 1,
+        "se_channels": shapes["blocks.1.se_block.conv1.conv.weight"][0],
+    }
+
+
+SPEC = ModelSpec(
+    name="ecapa_tdnn",
+    build=ECAPATDNN,
+    signature_key="asp_bn.norm.weight",
+    kwargs_from_shapes=ecapa_tdnn_kwargs,
+)

@@ -26,12 +26,15 @@ released checkpoints load with ``strict=True``. The building blocks here are sha
 :mod:`speakerlab.models.eres2netv2`.
 """
 
+import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speakerlab.models import ModelSpec, Shapes
 from speakerlab.models.pooling import TemporalStatsPool
 
 # Residual blocks in each of the four stages (ResNet-34 depth); ERes2Net takes others as
@@ -255,3 +258,44 @@ class ERes2Net(Res2NetBackbone):
         out4 = self.layer4(out3)
         fused = self.fuse_mode1234(out4, self.layer3_downsample(fused))
         return self.seg_1(self.pool(fused))
+
+
+def feat_dim_from_shapes(shapes: Shapes) -> int:
+    """fbank bins per frame of a Res2Net model, from the width of its pooled statistics.
+
+    The weights fix only the frequency bins left after the stride-2 stages, so ``feat_dim`` is
+    known up to that factor (8); the multiple is returned (80 for every released model).
+    """
+    pooled = shapes["seg_1.weight"][1]  # 2 statistics x final channels x final frequency bins
+    final_channels = shapes["layer4.0.conv3.weight"][0]
+    return pooled // (2 * final_channels) * 2 ** sum(s == 2 for s in STAGE_STRIDES)
+
+
+def blocks_per_stage(shapes: Shapes) -> tuple[int, ...]:
+    """Residual blocks in each of the four stages of a Res2Net state dict."""
+    return tuple(
+        sum(1 for key in shapes if re.fullmatch(rf"layer{stage}\.\d+\.conv1\.weight", key))
+        for stage in range(1, 5)
+    )
+
+
+def eres2net_kwargs(shapes: Shapes) -> dict[str, Any]:
+    """ERes2Net constructor arguments giving these state-dict shapes (``num_blocks`` only when it
+    is not the released depth, so released checkpoints read back as plain base/large models)."""
+    kwargs: dict[str, Any] = {
+        "m_channels": shapes["conv1.weight"][0],
+        "embedding_size": shapes["seg_1.weight"][0],
+        "feat_dim": feat_dim_from_shapes(shapes),
+    }
+    num_blocks = blocks_per_stage(shapes)
+    if num_blocks != BLOCKS_PER_STAGE:
+        kwargs["num_blocks"] = list(num_blocks)
+    return kwargs
+
+
+SPEC = ModelSpec(
+    name="eres2net",
+    build=ERes2Net,
+    signature_key="layer1_downsample.weight",
+    kwargs_from_shapes=eres2net_kwargs,
+)

@@ -28,6 +28,7 @@ import torch
 
 from speakerlab.errors import CheckpointError
 from speakerlab.fileio import atomic_write, temporary_files
+from speakerlab.models.checkpoint import read_checkpoint
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
@@ -75,16 +76,7 @@ def prune_checkpoints(directory: str | Path, keep_last: int) -> list[Path]:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a training checkpoint (``weights_only``: tensors and plain containers only)."""
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: checkpoint file not found") from None
-    except Exception as err:  # torch raises many types for a damaged or foreign file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: not a checkpoint (a {type(state).__name__}, not a dict)")
-    return state
+    return read_checkpoint(path)
 
 
 def is_training_checkpoint(state: dict[str, Any]) -> bool:

@@ -24,7 +24,7 @@ from torch import nn
 
 from speakerlab.errors import CheckpointError, ConfigError
 from speakerlab.models.checkpoint import load_state_into, read_model_state
-from speakerlab.pretrained import PRETRAINED, download_pretrained
+from speakerlab.pretrained import download_pretrained, released_model
 from speakerlab.training.checkpointing import checkpoint_dir, list_checkpoints, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def resolve_init_path(path: str | Path) -> Path:
     """The checkpoint file meant by ``path``: the file itself, an experiment folder's newest, or
     the downloaded file of a released model id (``trainer.init_from`` and ``speakerlab export
     --checkpoint`` accept all three)."""
-    if str(path) in PRETRAINED and not Path(path).exists():
+    if released_model(str(path)) is not None and not Path(path).exists():
         return download_pretrained(str(path))
     path = Path(path)
     if path.is_dir():

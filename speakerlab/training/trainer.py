@@ -38,7 +38,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from speakerlab.data.dataset import TrainDataset, build_train_dataset, limit_worker_threads
+from speakerlab.data.dataset import TrainDataset, build_train_dataset, init_data_worker
 from speakerlab.data.index import build_train_index
 from speakerlab.data.sampler import DistributedResumableSampler
 from speakerlab.distributed import (
@@ -297,7 +297,7 @@ class Trainer:
             prefetch_factor=int(cfg.data.prefetch_factor) if workers > 0 else None,
             # The dataset's epoch lives in shared memory, so workers can outlive an epoch.
             persistent_workers=workers > 0,
-            worker_init_fn=limit_worker_threads,
+            worker_init_fn=init_data_worker,
             # The loader draws its worker seeds from its own generator, not the global one.
             generator=self.loader_generator,
         )
