@@ -5,26 +5,24 @@ from outside, so Python start-up, imports, model loading, audio reading, fbank a
 embeddings all count:
 
 * ``plain loop``: the baseline, a plain PyTorch loop (read, fbank, embed one at a time);
-* ``plain loop, passive``: the same with ``OMP_WAIT_POLICY=PASSIVE``;
-* ``cli onnx`` / ``cli torch``: ``python -m speakerlab extract --backend onnx|torch`` on the
-  checkpoint, as the command stands (the ONNX backend exports the model on every run);
-  ``cli onnx file``: the same command given the exported ``.onnx`` file;
-* ``onnx fp32`` / ``onnx int8``: the tuned ONNX Runtime path on a model exported (and
-  quantised, :mod:`speakerlab.quantize`) beforehand;
-* ``torch fp32`` / ``torch bf16``: the tuned PyTorch path
-  (:class:`speakerlab.cpu_inference.CpuTorchEmbedder`);
-  the tuned paths run ``speakerlab.extract.extract_embeddings`` in one process (no loader
-  worker), with passive thread waits and freed memory kept for reuse
-  (:func:`speakerlab.cpu_inference.reuse_freed_memory`), and probe the model's minimum input
-  length once instead of by binary search.
+* ``torch fp32`` / ``torch bf16``: ``speakerlab extract --backend torch [--precision bf16]`` on
+  the checkpoint;
+* ``onnx fp32`` / ``onnx int8``: ``speakerlab extract`` given the exported ``.onnx`` file, and
+  the int8 one written by ``speakerlab export-onnx --quantize int8`` (both made beforehand).
+
+Start-up: a whole process embeds one recording of ``--startup-seconds`` (the plain loop on a
+one-line list, or :meth:`speakerlab.inference.SpeakerVerifier.load` and ``embed`` as
+``speakerlab embed`` does): its wall time from outside, and inside it the seconds from the end of
+the imports to the first embedding (load + first embedding). Methods take turns, ``--repeats``
+times; the JSON has every time and the median, and ratios between methods of the same run.
 
 Efficiency is the model's FLOPs over all recordings (:mod:`speakerlab.flops`) per wall second,
 divided by the FLOP/s of a 2048^3 SGEMM measured in the same run with the same thread count, by
-torch (MKL) and by ONNX Runtime (MLAS); the faster of the two is the machine's limit. The same
-ratio per CPU-second (the process's user + system time) is printed too: on a machine shared with
-other processes it says what the code costs, where wall time also says how busy the machine was.
+torch (MKL/oneDNN) and by ONNX Runtime (MLAS); the faster of the two is the fp32 limit; bf16 is
+also compared with torch's bf16 GEMM. int8 is counted in the same (fp32-equivalent) FLOPs.
 
-    python benchmarks/bench_cpu_inference.py --model eres2net --num-utts 96 --out cpu.json
+    python benchmarks/bench_cpu_inference.py --model eres2net --num-utts 96 \
+        --out benchmarks/results/cpu_inference_eres2net.json
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,96 +43,42 @@ import soundfile
 import torch
 from bench_extraction import MODELS, make_model  # same folder
 
-from speakerlab.onnx_export import OnnxEmbedder
-
-METHODS = (
-    "plain loop",
-    "plain loop, passive",
-    "cli onnx",
-    "cli torch",
-    "cli onnx file",
-    "onnx fp32",
-    "torch fp32",
-    "onnx int8",
-    "torch bf16",
-)
+METHODS = ("plain loop", "torch fp32", "onnx fp32", "onnx int8", "torch bf16")
 BASELINE = "plain loop"
+SOURCES = {"torch fp32": "ckpt", "torch bf16": "ckpt", "onnx fp32": "onnx", "onnx int8": "int8"}
 
 
-# --------------------------------------------------------------------------- workers
+# --------------------------------------------------------------------------- plain loop
 
 
 def worker_main(args: argparse.Namespace) -> None:
-    """One method in this (fresh) process; writes its embeddings and start-up time."""
-    torch.set_num_threads(args.threads)
-    out_dir = Path(args.out_dir)
-    if args.worker.startswith("plain"):
-        np.savez(out_dir / "embeddings.npz", **plain_loop(args.source, args.wav_scp))
-        return  # its start-up is not separated from its work
-
-    from speakerlab.cpu_inference import reuse_freed_memory
-    from speakerlab.extract import extract_embeddings
-
-    reuse_freed_memory()
-    embedder = tuned_embedder(args.worker, args.source, args.threads, args.wav_scp)
-    started = time.time()
-    extract_embeddings(args.wav_scp, embedder, out_dir, num_workers=0, progress=False)
-    (out_dir / "startup.json").write_text(json.dumps({"ready": started - args.t0}))
-
-
-def plain_loop(source: str, wav_scp: str) -> dict[str, np.ndarray]:
-    """The baseline: the loaded PyTorch model, one utterance at a time."""
+    """The baseline in this (fresh) process: the loaded PyTorch model, one utterance at a time."""
     from speakerlab.audio import load_audio
     from speakerlab.features import fbank
     from speakerlab.pretrained import load_model
 
-    model = load_model(source).model
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model = load_model(args.source).model
     out = {}
     with torch.no_grad():
-        for line in Path(wav_scp).read_text().splitlines():
+        for line in Path(args.wav_scp).read_text().splitlines():
             utt, path = line.split()
             out[utt] = model(fbank(load_audio(path)).unsqueeze(0))[0].numpy()
-    return out
+    loaded = time.perf_counter() - started
+    np.savez(Path(args.out_dir) / "embeddings.npz", **out)
+    (Path(args.out_dir) / "startup.json").write_text(json.dumps({"load_and_embed": loaded}))
 
 
-def tuned_embedder(method: str, source: str, threads: int, wav_scp: str):
-    from speakerlab.audio import audio_info
-    from speakerlab.features import num_frames
+def startup_main(args: argparse.Namespace) -> None:
+    """Load a model as ``speakerlab embed`` does and embed one recording (timed inside)."""
+    from speakerlab.inference import SpeakerVerifier
 
-    if method.startswith("onnx"):
-        embedder = TunedOnnxEmbedder(source, threads)
-    else:
-        from speakerlab.cpu_inference import CpuTorchEmbedder
-        from speakerlab.pretrained import load_model
-
-        embedder = CpuTorchEmbedder(load_model(source).model, method.split()[-1])
-    # One probe replaces the binary search for the minimum length: at the shortest recording's
-    # length, or at the 200 frames that extraction requires of every model if that is shorter.
-    shortest = min(
-        num_frames(audio_info(line.split()[1]).frames)
-        for line in Path(wav_scp).read_text().splitlines()
-    )
-    probe = min(shortest, 200)
-    if not embedder._accepts(probe):
-        raise SystemExit(f"the model gives no finite embedding for {probe} frames")
-    embedder._min_frames = probe
-    return embedder
-
-
-class TunedOnnxEmbedder(OnnxEmbedder):
-    """ONNX Runtime with :func:`speakerlab.cpu_inference.onnx_session_options`: a stand-in for
-    ``OnnxEmbedder`` once it takes session options (see the integration notes)."""
-
-    def __init__(self, path: str, threads: int) -> None:  # replaces the parent's session set-up
-        import onnxruntime
-
-        from speakerlab.cpu_inference import onnx_session_options
-
-        self.session = onnxruntime.InferenceSession(
-            path, onnx_session_options(threads), providers=["CPUExecutionProvider"]
-        )
-        self.input_name = self.session.get_inputs()[0].name
-        self.feat_dim = self.session.get_inputs()[0].shape[2]
+    started = time.perf_counter()
+    verifier = SpeakerVerifier.load(args.source, precision=args.precision)
+    verifier.embed(args.wav)
+    loaded = time.perf_counter() - started
+    (Path(args.out_dir) / "startup.json").write_text(json.dumps({"load_and_embed": loaded}))
 
 
 # --------------------------------------------------------------------------- set-up
@@ -156,45 +101,43 @@ def make_recordings(directory: Path, count: int, low: float, high: float, seed: 
     return scp
 
 
-def command(method: str, files: dict[str, Path], out_dir: Path, threads: int) -> list[str]:
-    if method.startswith("cli"):
-        model = files["onnx" if method == "cli onnx file" else "ckpt"]
+def command(method: str, files: dict[str, Path], wav_scp: Path, out_dir: Path, threads: int):
+    if method == BASELINE:
         return [
-            *(sys.executable, "-m", "speakerlab", "extract", "--model", str(model)),
-            *("--wav-scp", str(files["wav_scp"]), "--out-dir", str(out_dir)),
-            *("--backend", method.split()[1], "--device", "cpu", "--no-progress"),
+            *(sys.executable, __file__, "--worker", "--source", str(files["ckpt"])),
+            *("--wav-scp", str(wav_scp), "--out-dir", str(out_dir), "--threads", str(threads)),
         ]
-    source = {"onnx fp32": "onnx", "onnx int8": "int8"}.get(method, "ckpt")
-    worker = "plain" if method.startswith("plain") else method
+    backend = ("--backend", "torch") if method.startswith("torch") else ()
+    precision = ("--precision", "bf16") if method.endswith("bf16") else ()
     return [
-        *(sys.executable, __file__, "--worker", worker, "--source", str(files[source])),
-        *("--wav-scp", str(files["wav_scp"]), "--out-dir", str(out_dir)),
-        *("--threads", str(threads), "--t0", repr(time.time())),
+        *(sys.executable, "-m", "speakerlab", "extract", "--model", str(files[SOURCES[method]])),
+        *("--wav-scp", str(wav_scp), "--out-dir", str(out_dir), *backend, *precision),
+        *("--device", "cpu", "--no-progress"),
     ]
 
 
-def run_method(method: str, files: dict[str, Path], out_dir: Path, threads: int) -> dict:
-    """Run one method in a fresh process: wall and CPU seconds, start-up, embeddings."""
+def run_method(method: str, files: dict[str, Path], wav_scp: Path, out_dir: Path, threads: int):
+    """Run one method in a fresh process: wall and CPU seconds, embeddings."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["OMP_NUM_THREADS"] = str(threads)
-    if method != "plain loop" and not method.startswith("cli"):
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
     out_dir.mkdir(parents=True)
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run(command(method, files, out_dir, threads), env=env, check=True)
+    done = subprocess.run(
+        command(method, files, wav_scp, out_dir, threads), env=env, capture_output=True, text=True
+    )
     wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{method} failed:\n{done.stderr}")
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
-    startup_file = out_dir / "startup.json"
-    startup = json.loads(startup_file.read_text())["ready"] if startup_file.is_file() else None
-    return {"wall": wall, "cpu": cpu, "startup": startup, "embeddings": read_output(out_dir)}
+    return {"wall": wall, "cpu": cpu, "embeddings": read_output(out_dir)}
 
 
 def read_output(out_dir: Path) -> dict[str, np.ndarray]:
     if (out_dir / "embeddings.npz").is_file():
         return dict(np.load(out_dir / "embeddings.npz"))
-    from speakerlab.extract import read_embeddings
+    from speakerlab.embedding_store import read_embeddings
 
     return read_embeddings(out_dir / "embedding.scp")
 
@@ -205,29 +148,35 @@ def cosines(result: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> 
     return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def sgemm_rates(threads: int) -> dict[str, float]:
+def gemm_rates(threads: int) -> dict[str, float]:
+    """FLOP/s of large products in this process: fp32 by torch and ONNX Runtime, bf16 by torch."""
     from speakerlab.flops import matmul_flops_per_second, onnxruntime_matmul_flops_per_second
 
     torch.set_num_threads(threads)
-    rates = {}
-    for clock_name, clock in (("wall", time.perf_counter), ("cpu", time.process_time)):
-        rates[f"torch_{clock_name}"] = matmul_flops_per_second(clock=clock)
-        rates[f"onnxruntime_{clock_name}"] = onnxruntime_matmul_flops_per_second(
-            num_threads=threads, clock=clock
-        )
-    return rates
+    return {
+        "sgemm_torch": matmul_flops_per_second(),
+        "sgemm_onnxruntime": onnxruntime_matmul_flops_per_second(num_threads=threads),
+        "bf16_gemm_torch": matmul_flops_per_second(dtype=torch.bfloat16),
+    }
 
 
 # --------------------------------------------------------------------------- main
 
 
+def speakerlab_command(*args: str) -> tuple[float, str]:
+    """Run ``python -m speakerlab ARGS``: its wall time and what it printed."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "speakerlab", *args], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise SystemExit(done.stderr)
+    return time.perf_counter() - start, done.stdout.strip()
+
+
 def prepare(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict]:
-    """Recordings, checkpoint, ONNX export and int8 model; what each preparation took."""
-    from speakerlab.audio import load_audio
-    from speakerlab.features import fbank
+    """Recordings, checkpoint, ONNX export and int8 model (with the commands users run)."""
     from speakerlab.models.checkpoint import save_embedding_model
-    from speakerlab.onnx_export import export_onnx
-    from speakerlab.quantize import quantize_onnx
 
     model = make_model(args.model)
     files = {
@@ -237,24 +186,49 @@ def prepare(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict]
         "ckpt": tmp / "model.ckpt",
         "onnx": tmp / "model.onnx",
         "int8": tmp / "model.int8.onnx",
+        "calibration": make_recordings(
+            tmp / "calibration", args.calibration_utts, args.min_seconds, args.max_seconds, seed=1
+        ),
     }
+    one = make_recordings(tmp / "one", 1, args.startup_seconds, args.startup_seconds, seed=2)
+    files["one_scp"], files["one_wav"] = one, one.parent / "utt0000.wav"
     save_embedding_model(model, files["ckpt"])
     times = {}
-    start = time.perf_counter()
-    export_onnx(model, files["onnx"])
-    times["onnx_export_s"] = time.perf_counter() - start
-    calibration_scp = make_recordings(
-        tmp / "calibration", args.calibration_utts, args.min_seconds, args.max_seconds, seed=1
+    times["onnx_export_s"], times["onnx_export_log"] = speakerlab_command(
+        "export-onnx", "--model", str(files["ckpt"]), "--out", str(files["onnx"])
     )
-    calibration = [
-        fbank(load_audio(line.split()[1])) for line in calibration_scp.read_text().splitlines()
-    ]
-    start = time.perf_counter()
-    _, times["int8_calibration_min_cosine"] = quantize_onnx(
-        files["onnx"], files["int8"], calibration
+    times["int8_export_s"], times["int8_export_log"] = speakerlab_command(
+        *("export-onnx", "--model", str(files["ckpt"]), "--out", str(files["int8"])),
+        *("--quantize", "int8", "--calibration-scp", str(files["calibration"])),
+        *("--calibration-utts", str(args.calibration_utts)),
     )
-    times["int8_quantize_s"] = time.perf_counter() - start
     return files, times
+
+
+def startup_command(method: str, files: dict[str, Path], out_dir: Path, threads: int):
+    """One recording embedded by a whole process: load + first embedding."""
+    if method == BASELINE:
+        return command(method, files, files["one_scp"], out_dir, threads)
+    return [
+        *(sys.executable, __file__, "--startup", "--source", str(files[SOURCES[method]])),
+        *("--wav", str(files["one_wav"]), "--out-dir", str(out_dir)),
+        *("--precision", "bf16" if method.endswith("bf16") else "fp32"),
+    ]
+
+
+def time_startup(method: str, files: dict[str, Path], out_dir: Path, threads: int):
+    """(whole process, load + first embedding) seconds."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["OMP_NUM_THREADS"] = str(threads)
+    if method != BASELINE:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"  # as the speakerlab command sets it
+    out_dir.mkdir(parents=True)
+    start = time.perf_counter()
+    subprocess.run(
+        startup_command(method, files, out_dir, threads), env=env, check=True, capture_output=True
+    )
+    inside = json.loads((out_dir / "startup.json").read_text())["load_and_embed"]
+    return time.perf_counter() - start, inside
 
 
 def main() -> None:
@@ -265,20 +239,23 @@ def main() -> None:
     parser.add_argument("--num-utts", type=int, default=96)
     parser.add_argument("--min-seconds", type=float, default=6.0)
     parser.add_argument("--max-seconds", type=float, default=10.0)
+    parser.add_argument("--startup-seconds", type=float, default=8.0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs each")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each method (median)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--calibration-utts", type=int, default=8)
     parser.add_argument("--out", help="also write the results as JSON here")
-    # Internal: run one method in this process.
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    # Internal: run the plain loop in this process.
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--startup", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--wav", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--wav-scp", help=argparse.SUPPRESS)
     parser.add_argument("--out-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--t0", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        worker_main(args)
+    if args.worker or args.startup:
+        (worker_main if args.worker else startup_main)(args)
         return
     methods = [BASELINE, *(m for m in args.methods if m != BASELINE)]
 
@@ -289,55 +266,64 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         files, prep = prepare(args, tmp)
-        lengths = [
-            num_frames(soundfile.info(line.split()[1]).frames)
-            for line in files["wav_scp"].read_text().splitlines()
+        infos = [
+            soundfile.info(line.split()[1]) for line in files["wav_scp"].read_text().splitlines()
         ]
+        lengths = [num_frames(info.frames) for info in infos]
         per_length = model_flops_per_length(make_model(args.model), lengths)
         total_flops = float(sum(per_length[n] for n in lengths))
-        audio_seconds = sum(
-            soundfile.info(line.split()[1]).duration
-            for line in files["wav_scp"].read_text().splitlines()
-        )
-        best: dict[str, dict] = {}
-        sgemm: dict[str, float] = {}
+        audio_seconds = sum(info.duration for info in infos)
+        runs: dict[str, list[dict]] = {m: [] for m in methods}
+        gemm: dict[str, list[float]] = {}
         for repeat in range(args.repeats):  # methods take turns: load changes hit all of them
-            for key, rate in sgemm_rates(args.threads).items():
-                sgemm[key] = max(sgemm.get(key, 0.0), rate)
+            for key, rate in gemm_rates(args.threads).items():
+                gemm.setdefault(key, []).append(rate)
             for method in methods:
-                run_dir = tmp / f"run{repeat}" / method.replace(" ", "_").replace(",", "")
-                result = run_method(method, files, run_dir, args.threads)
-                if method not in best or result["wall"] < best[method]["wall"]:
-                    best[method] = result
-                print(f"  repeat {repeat + 1}: {method}: {result['wall']:.1f} s", file=sys.stderr)
-    report(args, methods, best, sgemm, total_flops, audio_seconds, prep, load_start)
+                name = method.replace(" ", "_")
+                result = run_method(
+                    method, files, files["wav_scp"], tmp / f"run{repeat}" / name, args.threads
+                )
+                result["startup"], result["load_and_embed"] = time_startup(
+                    method, files, tmp / f"startup{repeat}" / name, args.threads
+                )
+                runs[method].append(result)
+                print(
+                    f"  repeat {repeat + 1}: {method}: {result['wall']:.1f} s, "
+                    f"start-up {result['startup']:.2f} s",
+                    file=sys.stderr,
+                )
+    report(args, methods, runs, gemm, total_flops, audio_seconds, prep, load_start)
 
 
-def report(args, methods, best, sgemm, total_flops, audio_seconds, prep, load_start) -> None:
-    limit_wall = max(sgemm["torch_wall"], sgemm["onnxruntime_wall"])
-    limit_cpu = max(sgemm["torch_cpu"], sgemm["onnxruntime_cpu"])
-    reference = best[BASELINE]["embeddings"]
+def report(args, methods, runs, gemm, total_flops, audio_seconds, prep, load_start) -> None:
+    gemm_median = {k: statistics.median(v) for k, v in gemm.items()}
+    sgemm = max(gemm_median["sgemm_torch"], gemm_median["sgemm_onnxruntime"])
+    wall = {m: statistics.median(r["wall"] for r in runs[m]) for m in methods}
+    reference = runs[BASELINE][0]["embeddings"]
     rows = []
     for method in methods:
-        result = best[method]
-        cos = cosines(result["embeddings"], reference)
-        rows.append(
-            {
-                "method": method,
-                "wall_s": result["wall"],
-                "cpu_s": result["cpu"],
-                "startup_s": result["startup"],
-                "rtf": result["wall"] / audio_seconds,
-                "speedup": best[BASELINE]["wall"] / result["wall"],
-                "gflops_wall": total_flops / result["wall"] / 1e9,
-                "of_limit_wall": total_flops / result["wall"] / limit_wall,
-                "of_mkl_sgemm_wall": total_flops / result["wall"] / sgemm["torch_wall"],
-                "gflops_per_cpu_s": total_flops / result["cpu"] / 1e9,
-                "of_limit_cpu": total_flops / result["cpu"] / limit_cpu,
-                "min_cosine": float(cos.min()),
-                "mean_cosine": float(cos.mean()),
-            }
-        )
+        cos = cosines(runs[method][0]["embeddings"], reference)
+        rate = total_flops / wall[method]
+        row = {
+            "method": method,
+            "wall_s_median": wall[method],
+            "wall_s_all": [r["wall"] for r in runs[method]],
+            "cpu_s_median": statistics.median(r["cpu"] for r in runs[method]),
+            "startup_s_median": statistics.median(r["startup"] for r in runs[method]),
+            "startup_s_all": [r["startup"] for r in runs[method]],
+            "load_and_first_embedding_s_median": statistics.median(
+                r["load_and_embed"] for r in runs[method]
+            ),
+            "rtf": wall[method] / audio_seconds,
+            "speedup_over_plain_loop": wall[BASELINE] / wall[method],
+            "gflops_per_s": rate / 1e9,
+            "of_sgemm": rate / sgemm,
+            "cosine_to_fp32_min": float(cos.min()),
+            "cosine_to_fp32_mean": float(cos.mean()),
+        }
+        if method.endswith("bf16"):
+            row["of_bf16_gemm"] = rate / gemm_median["bf16_gemm_torch"]
+        rows.append(row)
     summary = {
         "model": args.model,
         "model_kwargs": MODELS[args.model],
@@ -346,15 +332,45 @@ def report(args, methods, best, sgemm, total_flops, audio_seconds, prep, load_st
         "gflop_total": total_flops / 1e9,
         "gflop_per_8s": total_flops / audio_seconds * 8 / 1e9,
         "threads": args.threads,
-        "sgemm_gflops": {k: v / 1e9 for k, v in sgemm.items()},
+        "repeats": args.repeats,
+        "gemm_gflops_median": {k: v / 1e9 for k, v in gemm_median.items()},
+        "gemm_gflops_all": {k: [x / 1e9 for x in v] for k, v in gemm.items()},
         "preparation": prep,
         "load_average": [load_start, os.getloadavg()[0]],
-        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": cpu_name(),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "results": rows,
     }
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))
+
+
+def cpu_name() -> dict[str, object]:
+    """The CPU model and whether it has AVX-512 and AVX512-BF16 (Linux)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in info.splitlines()
+            if line.startswith("model name")
+        ),
+        "",
+    )
+    flags = set(
+        next(
+            (
+                line.split(":", 1)[1].split()
+                for line in info.splitlines()
+                if line.startswith("flags")
+            ),
+            [],
+        )
+    )
+    return {"model": model, "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags}
 
 
 if __name__ == "__main__":

@@ -4,12 +4,12 @@ For a trained embedding model (e.g. the mini recipe's ``exp/eres2net_mini/model.
 embeds the test set of a prepared 3D-Speaker-layout data folder with
 
 * ``fp32``: the plain PyTorch model (the reference),
-* ``fp32 tuned``: :class:`speakerlab.cpu_inference.CpuTorchEmbedder` (batch norms folded,
+* ``torch fp32``: :class:`speakerlab.embedder.TorchEmbedder` on the CPU (batch norms folded,
   channels-last; must equal the reference to float rounding),
 * ``onnx fp32``: the exported ONNX model with ONNX Runtime,
 * ``int8``: that model quantised by :func:`speakerlab.quantize.quantize_onnx`, calibrated on
   utterances of the training set (never the test set),
-* ``bf16``: ``CpuTorchEmbedder(precision="bf16")`` (skipped, and said so, on CPUs without
+* ``bf16``: ``TorchEmbedder(model, precision="bf16")`` (skipped, and said so, on CPUs without
   bfloat16 instructions),
 
 scores every trial list with ``speakerlab score`` and prints, per precision, the EER and minDCF of
@@ -30,14 +30,33 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from speakerlab.cpu_inference import CpuTorchEmbedder, bf16_unsupported_reason
-from speakerlab.extract import TorchEmbedder, extract_embeddings, read_embeddings
-from speakerlab.onnx_export import OnnxEmbedder, export_onnx
+from speakerlab.cpu_inference import bf16_unsupported_reason
+from speakerlab.embedder import Embedder, OnnxEmbedder, TorchEmbedder
+from speakerlab.embedding_store import read_embeddings
+from speakerlab.extract import extract_embeddings
+from speakerlab.onnx_export import export_onnx
 from speakerlab.pretrained import load_model
 from speakerlab.quantize import calibration_features, quantize_onnx
 
 TRIAL_LISTS = ("trials_cross_device", "trials_cross_distance", "trials_cross_dialect")
+
+
+class PlainEmbedder(Embedder):
+    """The model as it is (no preparation), in float32: the reference."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model.eval()
+        self.feat_dim = int(getattr(model, "feat_dim", 80))
+
+    def embed_features(self, feats: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model(feats).numpy()
+
+    @property
+    def identity(self) -> str:
+        return "plain"
 
 
 def score(scp: Path, trials: list[Path], out_dir: Path) -> dict[str, dict]:
@@ -78,11 +97,11 @@ def main() -> None:
         calibration_features(data / "train" / "wav.scp", args.calibration_utts),
     )
     embedders = {
-        "fp32": lambda: TorchEmbedder(loaded.model),
-        "fp32 tuned": lambda: CpuTorchEmbedder(loaded.model),
+        "fp32": lambda: PlainEmbedder(loaded.model),
+        "torch fp32": lambda: TorchEmbedder(loaded.model),
         "onnx fp32": lambda: OnnxEmbedder(onnx_path),
         "int8": lambda: OnnxEmbedder(int8_path),
-        "bf16": lambda: CpuTorchEmbedder(loaded.model, precision="bf16"),
+        "bf16": lambda: TorchEmbedder(loaded.model, precision="bf16"),
     }
     skipped = {}
     if bf16_unsupported_reason() is not None:

@@ -9,7 +9,10 @@ activations, attentional fusion, statistics pooling -- stays in float32, where i
 accuracy for little speed.
 
 After quantising, the int8 model's embeddings of the calibration features are compared with the
-float model's; a model whose smallest cosine similarity is below ``min_cosine`` is not written.
+float model's; a model whose smallest cosine similarity is below ``min_cosine`` (or whose
+embeddings are not finite) is not written. The int8 file records ``precision: int8`` in its
+metadata (:class:`speakerlab.embedder.OnnxEmbedder` reads it into its identity) and an
+``export_key`` of its own, so that a float export to the same path is never taken for it.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ import numpy as np
 import torch
 
 from speakerlab.errors import CheckpointError, ConfigError
-from speakerlab.fileio import atomic_path
+from speakerlab.fileio import atomic_path, json_digest
 
 # Quantised operator types: the convolutions and matrix products that hold all the compute.
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 PRECISION_KEY = "speakerlab.precision"
 QUANTIZATION_KEY = "speakerlab.quantization"
+EXPORT_KEY = "speakerlab.export_key"
 # Smallest cosine similarity to the float embeddings accepted after quantisation: measured
 # values are >= 0.998 (ERes2Net base and CAM++ with trained-like statistics, the trained
 # mini-recipe model); a broken quantisation (bad scales, a saturated layer) is far below.
@@ -40,18 +44,26 @@ def calibration_features(
     wav_scp: str | Path, count: int = DEFAULT_CALIBRATION_UTTS, num_mel_bins: int = 80
 ) -> list[torch.Tensor]:
     """fbank of ``count`` recordings of ``wav_scp`` spread evenly over the list (so that they
-    come from many speakers when it is sorted by speaker), for :func:`quantize_onnx`."""
-    from speakerlab.audio import load_audio
+    come from many speakers when it is sorted by speaker), for :func:`quantize_onnx`. The
+    recordings must be 16 kHz and finite, as for extraction."""
+    from speakerlab.audio import check_finite, load_audio
     from speakerlab.data.kaldi_dir import read_wav_scp
     from speakerlab.features import fbank
 
     if count < 1:
         raise ConfigError(f"the number of calibration utterances must be >= 1, got {count}")
+    if not Path(wav_scp).is_file():
+        raise ConfigError(f"{wav_scp}: calibration list not found")
     paths = list(read_wav_scp(wav_scp).values())
     if not paths:
         raise ConfigError(f"{wav_scp}: no recordings to calibrate on")
     picks = np.unique(np.linspace(0, len(paths) - 1, num=min(count, len(paths))).round())
-    return [fbank(load_audio(paths[int(i)]), num_mel_bins=num_mel_bins) for i in picks]
+    features = []
+    for index in picks:
+        wav = load_audio(paths[int(index)])
+        check_finite(wav, paths[int(index)])
+        features.append(fbank(wav, num_mel_bins=num_mel_bins))
+    return features
 
 
 def _as_batches(features: Sequence[torch.Tensor | np.ndarray]) -> list[np.ndarray]:
@@ -114,7 +126,7 @@ def quantize_onnx(
             "int8 quantisation needs the 'onnx' and 'onnxruntime' packages "
             "(pip install onnx onnxruntime)"
         ) from None
-    from speakerlab.onnx_export import OnnxEmbedder
+    from speakerlab.embedder import OnnxEmbedder
 
     float_embedder = OnnxEmbedder(fp32_path)  # validates the input model before any output
     if float_embedder.metadata.get("precision", "fp32") != "fp32":
@@ -148,8 +160,10 @@ def quantize_onnx(
             "activations": "uint8 per tensor (min-max)",
             "calibration_utterances": len(batches),
         }
-        _set_metadata(graph, {**_metadata(fp32_path), PRECISION_KEY: "int8"})
-        _set_metadata(graph, {QUANTIZATION_KEY: settings})
+        stored = _metadata(fp32_path)
+        key = {"float": stored.get(EXPORT_KEY), "quantization": settings, "calibration": batches}
+        stored[EXPORT_KEY] = _int8_key(key)
+        _set_metadata(graph, {**stored, PRECISION_KEY: "int8", QUANTIZATION_KEY: settings})
         onnx.save(graph, str(tmp))
         cosine = _smallest_cosine(float_embedder, OnnxEmbedder(tmp), batches)
         if not cosine >= min_cosine:
@@ -159,6 +173,17 @@ def quantize_onnx(
                 "nothing written"
             )
     return out_path, cosine
+
+
+def _int8_key(parts: dict[str, object]) -> str:
+    """A digest of the float export's key, the settings and the calibration inputs."""
+    import hashlib
+
+    calibration = hashlib.sha256()
+    for batch in parts["calibration"]:
+        calibration.update(repr(batch.shape).encode())
+        calibration.update(batch.tobytes())
+    return json_digest({**parts, "calibration": calibration.hexdigest()})
 
 
 def _metadata(path: str | Path) -> dict[str, object]:

@@ -206,7 +206,9 @@ def test_a_failed_build_leaves_the_index_and_its_bad_list_as_they_were(mini_data
     many_bad = {**dict(list(good.items())[:10]), **bad}
     write_table(data / "wav.scp", many_bad.items())
     write_table(data / "utt2spk", [(u, utt2spk.get(u, "3D_SPK_09999")) for u in many_bad])
-    with pytest.raises(DataError, match=r"20 of 30 audio files .* most common: 20 x not a readable audio file"):
+    with pytest.raises(
+        DataError, match=r"20 of 30 audio files .* most common: 20 x not a readable audio file"
+    ):
         build_train_index(data, out)
     assert (out.read_bytes(), (tmp_path / "index.tsv.bad").read_bytes()) == before
     assert not temporary_files(tmp_path)

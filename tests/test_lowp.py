@@ -1,4 +1,5 @@
-"""Fast CPU inference: FLOP accounting, batch-norm folding, bf16, int8 quantisation."""
+"""Fast CPU inference (issue 15, part 3): FLOP accounting, batch-norm folding, bf16, int8
+quantisation, and their use through load_embedder and the commands."""
 
 import sys
 from pathlib import Path
@@ -11,15 +12,14 @@ from torch import nn
 
 from speakerlab import cpu_inference, flops
 from speakerlab.cpu_inference import (
-    CpuTorchEmbedder,
     bf16_unsupported_reason,
     conv_batch_norm_pairs,
     fold_batch_norms,
     prepare_cpu_model,
     restore,
 )
+from speakerlab.embedder import OnnxEmbedder, TorchEmbedder, check_precision, load_embedder
 from speakerlab.errors import CheckpointError, ConfigError
-from speakerlab.extract import TorchEmbedder
 from speakerlab.features import fbank
 from speakerlab.models import build_model
 
@@ -55,6 +55,12 @@ def speech_like_fbank(seed: int, seconds: float = 3.0) -> torch.Tensor:
     wav = sum(np.sin(k * phase) / k for k in range(1, 12)) * 0.1
     wav = wav * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t)) + 0.02 * rng.standard_normal(t.size)
     return fbank(torch.from_numpy(wav.astype(np.float32)))
+
+
+def plain(model: nn.Module, feats: torch.Tensor) -> np.ndarray:
+    """The unprepared model's embeddings: the reference every faster path is compared with."""
+    with torch.inference_mode():
+        return model.eval()(feats).numpy()
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -200,9 +206,10 @@ def test_prepare_cpu_model_undoes_a_fold_that_changes_the_output():
 def test_cpu_embedder_fp32_matches_the_plain_model():
     model = reference_model("eres2net")
     feats = torch.randn(2, 301, 80, generator=torch.Generator().manual_seed(2))
-    expected = TorchEmbedder(model)(feats)
-    embedder = CpuTorchEmbedder(model)
+    expected = plain(model, feats)
+    embedder = TorchEmbedder(model)
     assert any(isinstance(m, nn.Identity) for m in embedder.model.modules())  # folded
+    assert not any(isinstance(m, nn.Identity) for m in model.modules())  # the caller's: not
     actual = embedder(feats)
     assert actual.dtype == np.float32
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
@@ -227,6 +234,7 @@ print(faults() - start)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 def test_reuse_freed_memory_stops_page_faults_on_large_tensors():
     def faults(mode: str) -> int:
@@ -248,7 +256,7 @@ def test_bf16_is_refused_where_the_cpu_lacks_it(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert "no bfloat16 instructions" in bf16_unsupported_reason()
     with pytest.raises(ConfigError, match="bf16 inference refused: this CPU has no bfloat16"):
-        CpuTorchEmbedder(reference_model("eres2net"), precision="bf16")
+        TorchEmbedder(reference_model("eres2net"), precision="bf16")
     # AMX alone is enough.
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert bf16_unsupported_reason() is None
@@ -261,8 +269,18 @@ def test_bf16_is_refused_without_onednn(monkeypatch):
 
 
 def test_unknown_precision_is_an_error():
-    with pytest.raises(ConfigError, match="precision must be one of"):
-        CpuTorchEmbedder(reference_model("eres2net"), precision="fp16")
+    with pytest.raises(ConfigError, match="precision 'fp16': choose one of fp32, bf16"):
+        TorchEmbedder(reference_model("eres2net"), precision="fp16")
+
+
+def test_bf16_is_refused_off_the_cpu_and_for_onnx_files(tmp_path):
+    with pytest.raises(ConfigError, match="runs on the CPU here, not on cuda"):
+        check_precision("bf16", torch.device("cuda"))
+    if bf16_unsupported_reason() is None:  # else the CPU is the first thing refused
+        with pytest.raises(ConfigError, match="runs in the precision it was exported in"):
+            load_embedder(tmp_path / "model.onnx", precision="bf16")
+        with pytest.raises(ConfigError, match="bf16 runs with the PyTorch backend"):
+            load_embedder("model.ckpt", backend="onnx", onnx_path="x.onnx", precision="bf16")
 
 
 # Measured on this project's machines (AVX512-BF16): random-weight ERes2Net base 0.99999, the
@@ -271,17 +289,28 @@ def test_unknown_precision_is_an_error():
 BF16_MIN_COSINE = 0.999
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(bf16_unsupported_reason() is not None, reason="CPU without bfloat16")
 @pytest.mark.parametrize("name", ["eres2net", "campplus"])
 def test_bf16_embeddings_are_close_to_fp32(name):
     model = reference_model(name)
     feats = torch.stack([speech_like_fbank(seed) for seed in range(3)])
-    expected = TorchEmbedder(model)(feats)
-    embedder = CpuTorchEmbedder(model, precision="bf16")
+    expected = plain(model, feats)
+    embedder = TorchEmbedder(model, precision="bf16")
     actual = embedder(feats)
     assert actual.dtype == np.float32 and np.all(np.isfinite(actual))
     assert cosines(actual, expected).min() >= BF16_MIN_COSINE
     assert 1.0 - cosines(actual, expected).min() > 1e-9  # bfloat16 really ran
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bf16_unsupported_reason() is not None, reason="CPU without bfloat16")
+def test_identity_differs_by_precision():
+    """Resume is keyed by the identity: bf16 work must never be taken for fp32 work."""
+    model = reference_model("campplus")
+    fp32, bf16 = TorchEmbedder(model), TorchEmbedder(model, precision="bf16")
+    assert fp32.identity != bf16.identity
+    assert TorchEmbedder(reference_model("campplus")).identity == fp32.identity
 
 
 # --------------------------------------------------------------------------- int8
@@ -305,7 +334,6 @@ def exported(tmp_path_factory):
 
 @pytest.mark.slow
 def test_int8_model_loads_and_is_close_to_fp32(exported, tmp_path):
-    from speakerlab.onnx_export import OnnxEmbedder
     from speakerlab.quantize import quantize_onnx
 
     model, fp32_path = exported
@@ -321,12 +349,18 @@ def test_int8_model_loads_and_is_close_to_fp32(exported, tmp_path):
     int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert len(int8_weights) >= sum(isinstance(m, nn.Conv2d) for m in model.modules())
 
-    embedder = OnnxEmbedder(out)
-    assert embedder.metadata["precision"] == "int8"
+    embedder, threshold = load_embedder(out)
+    assert isinstance(embedder, OnnxEmbedder) and threshold == 0.3
+    assert embedder.precision == "int8" and embedder.metadata["precision"] == "int8"
+    float_embedder = OnnxEmbedder(fp32_path)
+    assert float_embedder.precision == "fp32"
+    assert embedder.identity.startswith("onnx:int8:")
+    assert len({embedder.identity, float_embedder.identity, TorchEmbedder(model).identity}) == 3
+    assert embedder.metadata["export_key"] != float_embedder.metadata["export_key"]
     assert embedder.metadata["model_name"] == "eres2net"
     assert embedder.metadata["threshold"] == 0.3
     held_out = torch.stack([speech_like_fbank(seed, 3.0) for seed in range(100, 104)])
-    expected = TorchEmbedder(model)(held_out)
+    expected = plain(model, held_out)
     actual = embedder(held_out)
     assert np.all(np.isfinite(actual))
     assert cosines(actual, expected).min() >= INT8_MIN_COSINE
@@ -378,3 +412,150 @@ def test_calibration_features_spread_over_the_list(tmp_path):
     assert len(calibration_features(tmp_path / "wav.scp", count=9)) == 5
     with pytest.raises(ConfigError, match=">= 1"):
         calibration_features(tmp_path / "wav.scp", count=0)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def write_wav(path: Path, seed: int, seconds: float = 2.0, rate: int = 16000) -> Path:
+    import soundfile
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(rate * seconds)) / rate
+    wav = 0.3 * np.sin(2 * np.pi * (120 + 40 * seed) * t) + 0.05 * rng.standard_normal(t.size)
+    soundfile.write(path, wav.astype(np.float32), rate)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from speakerlab.models.checkpoint import save_embedding_model
+
+    path = tmp_path_factory.mktemp("ckpt") / "eres2net.ckpt"
+    save_embedding_model(reference_model("eres2net"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calibration_scp(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("calibration")
+    lines = [f"u{i} {write_wav(folder / f'u{i}.wav', i)}\n" for i in range(4)]
+    (folder / "wav.scp").write_text("".join(lines))
+    return folder / "wav.scp"
+
+
+def cli_error(main, argv: list[str], capsys) -> str:
+    """The one-line error a command printed before exiting with status 1."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("speakerlab ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.slow
+def test_export_onnx_quantize_int8_end_to_end(tiny_checkpoint, calibration_scp, tmp_path, capsys):
+    from speakerlab.bin import export_onnx, verify
+
+    out = tmp_path / "model.int8.onnx"
+    export_onnx.main(
+        ["--model", str(tiny_checkpoint), "--out", str(out), "--quantize", "int8"]
+        + ["--calibration-scp", str(calibration_scp), "--calibration-utts", "3"]
+    )
+    printed = capsys.readouterr().out
+    assert "ONNX Runtime matches PyTorch" in printed
+    assert "wrote int8 model" in printed and "of 3 calibration recording(s)" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.onnx"]  # no leftovers
+    embedder = OnnxEmbedder(out)
+    assert embedder.precision == "int8"
+    feats = torch.stack([speech_like_fbank(seed) for seed in (7, 8)])
+    assert cosines(embedder(feats), plain(reference_model("eres2net"), feats)).min() >= 0.98
+
+    # A float export to the same path is not taken for the int8 file already there.
+    export_onnx.main(["--model", str(tiny_checkpoint), "--out", str(out), "--no-check"])
+    assert "exported" in capsys.readouterr().out
+    assert OnnxEmbedder(out).precision == "fp32"
+
+    wavs = [str(write_wav(tmp_path / f"{name}.wav", seed)) for name, seed in (("a", 1), ("b", 2))]
+    export_onnx.main(
+        ["--model", str(tiny_checkpoint), "--out", str(out), "--quantize", "int8"]
+        + ["--calibration-scp", str(calibration_scp), "--no-check"]
+    )
+    capsys.readouterr()
+    verify.main([*wavs, "--model", str(out), "--threshold", "0.5"])
+    assert "score:" in capsys.readouterr().out
+
+
+def test_export_onnx_quantize_input_errors(tiny_checkpoint, calibration_scp, tmp_path, capsys):
+    from speakerlab.bin import export_onnx
+
+    out = tmp_path / "out" / "model.int8.onnx"
+    base = ["--model", str(tiny_checkpoint), "--out", str(out)]
+    err = cli_error(export_onnx.main, [*base, "--quantize", "int8"], capsys)
+    assert "--quantize int8 needs --calibration-scp" in err
+    missing = tmp_path / "missing.scp"
+    err = cli_error(
+        export_onnx.main, [*base, "--quantize", "int8", "--calibration-scp", str(missing)], capsys
+    )
+    assert f"{missing}: calibration list not found" in err
+    wrong_rate = write_wav(tmp_path / "8k.wav", 0, rate=8000)
+    (tmp_path / "8k.scp").write_text(f"u {wrong_rate}\n")
+    err = cli_error(
+        export_onnx.main,
+        [*base, "--quantize", "int8", "--calibration-scp", str(tmp_path / "8k.scp")],
+        capsys,
+    )
+    assert f"{wrong_rate}: sample rate is 8000 Hz, expected 16000 Hz" in err
+    err = cli_error(export_onnx.main, [*base, "--calibration-scp", str(calibration_scp)], capsys)
+    assert "only used with --quantize int8" in err
+    err = cli_error(
+        export_onnx.main,
+        ["--model", str(tiny_checkpoint), "--out", str(tmp_path / "m.bin")],
+        capsys,
+    )
+    assert "must end in .onnx" in err
+    assert not out.parent.exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_verify_precision_bf16_from_the_command(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    from speakerlab.bin import verify
+
+    wavs = [str(write_wav(tmp_path / f"{name}.wav", seed)) for name, seed in (("a", 1), ("b", 2))]
+    argv = [*wavs, "--model", str(tiny_checkpoint), "--threshold", "0.5", "--precision", "bf16"]
+    if bf16_unsupported_reason() is None:
+        verify.main(argv)
+        bf16_score = float(capsys.readouterr().out.split()[1])
+        verify.main(argv[:-2])
+        fp32_score = float(capsys.readouterr().out.split()[1])
+        assert abs(bf16_score - fp32_score) < 0.01
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    err = cli_error(verify.main, argv, capsys)
+    assert "bf16 inference refused: this CPU has no bfloat16 instructions" in err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bf16_unsupported_reason() is not None, reason="CPU without bfloat16")
+def test_extraction_does_not_resume_fp32_work_in_bf16(tiny_checkpoint, calibration_scp, tmp_path):
+    from speakerlab.embedding_store import read_embeddings
+    from speakerlab.extract import extract_with_model
+
+    def extract(out_dir: Path, precision: str) -> dict[str, np.ndarray]:
+        scp = extract_with_model(
+            tiny_checkpoint,
+            calibration_scp,
+            out_dir,
+            backend="torch",
+            precision=precision,
+            progress=False,
+        )
+        return read_embeddings(scp)
+
+    fp32 = extract(tmp_path / "shared", "fp32")
+    bf16_resumed = extract(tmp_path / "shared", "bf16")
+    bf16_fresh = extract(tmp_path / "fresh", "bf16")
+    for key in fp32:
+        np.testing.assert_array_equal(bf16_resumed[key], bf16_fresh[key])
+        assert not np.array_equal(bf16_resumed[key], fp32[key])
