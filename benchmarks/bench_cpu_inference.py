@@ -5,6 +5,9 @@ from outside, so Python start-up, imports, model loading, audio reading, fbank a
 embeddings all count:
 
 * ``plain loop``: the baseline, a plain PyTorch loop (read, fbank, embed one at a time);
+* ``plain loop, passive``: the same with ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep instead
+  of spinning), as the ``speakerlab`` inference commands set it: on cores shared with other
+  processes spinning threads slow everything down, which this separates from the rest;
 * ``torch fp32`` / ``torch bf16``: ``speakerlab extract --backend torch [--precision bf16]`` on
   the checkpoint;
 * ``onnx fp32`` / ``onnx int8``: ``speakerlab extract`` given the exported ``.onnx`` file, and
@@ -43,7 +46,14 @@ import soundfile
 import torch
 from bench_extraction import MODELS, make_model  # same folder
 
-METHODS = ("plain loop", "torch fp32", "onnx fp32", "onnx int8", "torch bf16")
+METHODS = (
+    "plain loop",
+    "plain loop, passive",
+    "torch fp32",
+    "onnx fp32",
+    "onnx int8",
+    "torch bf16",
+)
 BASELINE = "plain loop"
 SOURCES = {"torch fp32": "ckpt", "torch bf16": "ckpt", "onnx fp32": "onnx", "onnx int8": "int8"}
 
@@ -102,7 +112,7 @@ def make_recordings(directory: Path, count: int, low: float, high: float, seed: 
 
 
 def command(method: str, files: dict[str, Path], wav_scp: Path, out_dir: Path, threads: int):
-    if method == BASELINE:
+    if method.startswith(BASELINE):
         return [
             *(sys.executable, __file__, "--worker", "--source", str(files["ckpt"])),
             *("--wav-scp", str(wav_scp), "--out-dir", str(out_dir), "--threads", str(threads)),
@@ -120,6 +130,8 @@ def run_method(method: str, files: dict[str, Path], wav_scp: Path, out_dir: Path
     """Run one method in a fresh process: wall and CPU seconds, embeddings."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["OMP_NUM_THREADS"] = str(threads)
+    if method.endswith("passive"):
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     out_dir.mkdir(parents=True)
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -207,7 +219,7 @@ def prepare(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict]
 
 def startup_command(method: str, files: dict[str, Path], out_dir: Path, threads: int):
     """One recording embedded by a whole process: load + first embedding."""
-    if method == BASELINE:
+    if method.startswith(BASELINE):
         return command(method, files, files["one_scp"], out_dir, threads)
     return [
         *(sys.executable, __file__, "--startup", "--source", str(files[SOURCES[method]])),
@@ -221,7 +233,7 @@ def time_startup(method: str, files: dict[str, Path], out_dir: Path, threads: in
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["OMP_NUM_THREADS"] = str(threads)
     if method != BASELINE:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"  # as the speakerlab command sets it
+        env["OMP_WAIT_POLICY"] = "PASSIVE"  # as the speakerlab commands set it
     out_dir.mkdir(parents=True)
     start = time.perf_counter()
     subprocess.run(
