@@ -122,10 +122,11 @@ class TorchEmbedder(Embedder):
     """A PyTorch embedding model in eval mode on ``device``.
 
     On the CPU it runs a copy of ``model`` prepared by
-    :func:`speakerlab.cpu_inference.prepare_cpu_model` (``model`` itself is left unchanged);
-    ``precision="bf16"`` runs the convolutions and matrix products in bfloat16 there (refused,
-    with :class:`ConfigError`, where the CPU has no bfloat16 instructions). Embeddings are
-    float32 either way.
+    :func:`speakerlab.cpu_inference.prepare_cpu_model` when it is first used (:attr:`runner`;
+    ``model`` itself is left unchanged, and must not change after that); ``precision="bf16"``
+    runs the convolutions and matrix products in bfloat16 there (refused, with
+    :class:`ConfigError`, where the CPU has no bfloat16 instructions). Embeddings are float32
+    either way.
     """
 
     def __init__(
@@ -134,22 +135,30 @@ class TorchEmbedder(Embedder):
         self.device = torch.device(device)
         check_precision(precision, self.device)
         self.precision = precision
-        if self.device.type == "cpu":
-            model = prepare_cpu_model(copy.deepcopy(model).cpu())
         self.model = model.to(self.device).eval()
         self.feat_dim = int(getattr(model, "feat_dim", 80))
+        self._runner: nn.Module | None = None
         self._identity: str | None = None
 
+    @property
+    def runner(self) -> nn.Module:
+        """The module that computes the embeddings: on the CPU the prepared copy of the model."""
+        if self._runner is None:
+            is_cpu = self.device.type == "cpu"
+            self._runner = prepare_cpu_model(copy.deepcopy(self.model)) if is_cpu else self.model
+        return self._runner
+
     def embed_features(self, feats: torch.Tensor) -> np.ndarray:
+        runner = self.runner  # prepared (once) in float32, outside the contexts below
         bf16 = self.precision == "bf16"
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = self.model(feats.to(self.device, non_blocking=True))
+            out = runner(feats.to(self.device, non_blocking=True))
         return out.float().cpu().numpy()
 
     @property
     def identity(self) -> str:
-        """The precision, the model class and a digest of the weights and buffers it runs
-        (computed once: the model must not be changed while this embedder is in use)."""
+        """The precision, the model class and a digest of its weights and buffers (computed
+        once: the model must not be changed while this embedder is in use)."""
         if self._identity is None:
             weights = tensors_digest(self.model.state_dict())
             name = type(self.model).__name__

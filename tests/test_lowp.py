@@ -2,6 +2,7 @@
 quantisation, and their use through load_embedder and the commands."""
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -208,9 +209,10 @@ def test_cpu_embedder_fp32_matches_the_plain_model():
     feats = torch.randn(2, 301, 80, generator=torch.Generator().manual_seed(2))
     expected = plain(model, feats)
     embedder = TorchEmbedder(model)
-    assert any(isinstance(m, nn.Identity) for m in embedder.model.modules())  # folded
-    assert not any(isinstance(m, nn.Identity) for m in model.modules())  # the caller's: not
     actual = embedder(feats)
+    assert any(isinstance(m, nn.Identity) for m in embedder.runner.modules())  # folded
+    assert not any(isinstance(m, nn.Identity) for m in model.modules())  # the caller's: not
+    assert embedder.model is model
     assert actual.dtype == np.float32
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
 
@@ -297,7 +299,10 @@ def test_bf16_embeddings_are_close_to_fp32(name):
     feats = torch.stack([speech_like_fbank(seed) for seed in range(3)])
     expected = plain(model, feats)
     embedder = TorchEmbedder(model, precision="bf16")
-    actual = embedder(feats)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fold is checked in float32: it must hold
+        actual = embedder(feats)
+    assert any(isinstance(m, nn.Identity) for m in embedder.runner.modules())  # folded
     assert actual.dtype == np.float32 and np.all(np.isfinite(actual))
     assert cosines(actual, expected).min() >= BF16_MIN_COSINE
     assert 1.0 - cosines(actual, expected).min() > 1e-9  # bfloat16 really ran
