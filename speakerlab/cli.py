@@ -12,7 +12,7 @@ import os
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "make-index": ("make_index", "build the training index (one row per 4 s of audio)"),
+    "make-index": ("make_index", "build the training index (a row per segment of audio)"),
     "train": ("train", "train a model (Hydra config; overrides as key=value)"),
     "export": ("export", "export a training checkpoint as a plain embedding-model state_dict"),
     "extract": ("extract", "extract embeddings of a wav.scp into Kaldi ark/scp"),

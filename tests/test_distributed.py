@@ -7,10 +7,11 @@ from speakerlab.distributed import (
     DistContext,
     EveryRankError,
     RankEnv,
+    all_gather_tensor,
+    barrier,
     choose_device,
     error_report,
     init_distributed,
-    local_batch_size,
     read_rank_env,
     run_on_every_rank,
     single_process,
@@ -75,12 +76,6 @@ def test_device_choice():
         choose_device("cuda:0", RankEnv(0, 4, 0, 4), gpu_count=4)
 
 
-def test_global_batch_split():
-    assert local_batch_size(256, 1) == 256 and local_batch_size(256, 8) == 32
-    with pytest.raises(ConfigError, match="batch_size=256 .* does not divide over 3 processes"):
-        local_batch_size(256, 3)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_missing_gpu_is_one_error_for_every_rank():
     env = {**FULL_ENV, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
@@ -94,6 +89,13 @@ def test_single_process_context():
     ctx = init_distributed("cpu", environ={})
     assert ctx.is_main and not ctx.distributed and ctx.backend is None
     assert single_process("cpu") == ctx
+
+
+def test_collectives_in_one_process():
+    ctx = single_process("cpu")
+    values = torch.tensor([1.0, 2.0])
+    assert torch.equal(all_gather_tensor(ctx, values), values[None])
+    barrier(ctx)  # nothing to wait for
 
 
 def test_run_on_every_rank_single_process_keeps_the_error():

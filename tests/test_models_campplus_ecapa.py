@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 REFERENCE_DIR = Path(__file__).parent / "fixtures" / "reference"
 
-# Constructor arguments of the small reference fixtures (fixtures/reference/README.md).
+# Constructor arguments of the small reference fixtures (tests/fixtures/README.md).
 SMALL_CONFIGS = {
     "campplus": (
         CAMPPlus,

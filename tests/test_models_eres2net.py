@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 MODEL_CLASSES = {"eres2net": ERes2Net, "eres2netv2": ERes2NetV2}
-# Constructor arguments of the small reference fixtures (fixtures README).
+# Constructor arguments of the small reference fixtures (tests/fixtures/README.md).
 SMALL_KWARGS = {"feat_dim": 80, "embedding_size": 32, "m_channels": 8}
 
 

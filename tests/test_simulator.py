@@ -5,26 +5,25 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import json
 import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 import torch
 
-from local.simulate_mini_corpus import (
+from local.simulate.corpus import SimulationConfig, simulate_corpus
+from local.simulate.recording import (
     DEVICE_NAMES,
-    DIALECT_NAMES,
     DISTANCES_M,
-    SimulationConfig,
     make_devices,
-    make_dialects,
     render_device,
     render_distance,
-    sample_voice,
-    simulate_corpus,
-    synthesize_speech,
 )
+from local.simulate.speech import synthesize_speech
+from local.simulate.voices import DIALECT_NAMES, make_dialects, sample_voice
 from speakerlab.audio import load_audio
 from speakerlab.data.kaldi_dir import read_table
 from speakerlab.features import KaldiFbank
@@ -42,12 +41,49 @@ TINY = SimulationConfig(
 )
 
 
+EXPECTED = Path(__file__).resolve().parent / "fixtures" / "expected"
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def test_corpus_is_the_one_the_single_file_simulator_wrote(tmp_path):
+    """The simulator written before it became a package (tests/fixtures/README.md) made this
+    corpus: every file byte for byte, except the recordings, whose noise is now mixed by
+    ``speakerlab.data.augment.mix_at_snr`` in float32 where it was float64: a few samples in
+    10^4 round to the neighbouring 16-bit value, none further."""
+    config = SimulationConfig(
+        num_train_speakers=1,
+        num_test_speakers=2,
+        utts_per_speaker=2,
+        min_seconds=1.0,
+        max_seconds=1.2,
+        num_noises=5,
+        num_rirs=2,
+        seed=3,
+    )
+    simulate_corpus(tmp_path, config)
+    expected = json.loads((EXPECTED / "simulator_digests.json").read_text())
+    old_samples = dict(np.load(EXPECTED / "simulator_utterances.npz"))
+    recordings = {name.replace("|", "/") for name in old_samples}
+    got = tree_digest(tmp_path)
+    assert got.keys() == expected.keys()
+    assert {k: v for k, v in got.items() if k not in recordings} == {
+        k: v for k, v in expected.items() if k not in recordings
+    }
+    changed = total = 0
+    for name, old in old_samples.items():
+        new, _ = soundfile.read(tmp_path / name.replace("|", "/"), dtype="int16")
+        assert new.shape == old.shape
+        difference = np.abs(new.astype(np.int32) - old)
+        assert difference.max() <= 1, name
+        changed, total = changed + np.count_nonzero(difference), total + difference.size
+    assert changed < 1e-3 * total
 
 
 def test_simulation_is_deterministic_for_a_seed(tmp_path):
@@ -124,6 +160,7 @@ def fbank_statistics(wav: torch.Tensor) -> np.ndarray:
     return torch.cat([mean - mean.mean(), feats.std(dim=0)]).numpy()
 
 
+@pytest.mark.slow
 def test_speakers_are_separable_by_fbank_statistics(tmp_path):
     """A simple embedding (fbank statistics, standardised, cosine) already scores the target
     trials of every cross-condition list above the nontarget ones on average."""
@@ -191,6 +228,7 @@ def test_device_and_distance_change_a_recording_more_than_a_second_take():
     assert distance(reference, record("02", 1.0, 6)) > second_take  # a little further
 
 
+@pytest.mark.slow
 def test_a_speaker_sounds_less_alike_across_dialects():
     rng = np.random.default_rng(0)
     dialects = make_dialects(0)

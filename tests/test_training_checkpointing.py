@@ -84,7 +84,8 @@ def test_prune_keeps_newest_and_removes_partial_files(tmp_path):
     for step in range(1, 6):
         save_checkpoint(training_state(step), checkpoint_path(tmp_path, step))
     (tmp_path / ".ckpt_000000006.pt.x1y2z3.tmp").write_bytes(b"torn")  # left by a killed save
-    removed = prune_checkpoints(tmp_path, keep_last=2)
+    written = list_checkpoints(tmp_path)
+    removed = prune_checkpoints(tmp_path, keep_last=2, known_good=written)
     assert [p.name for p in removed] == [f"ckpt_00000000{i}.pt" for i in (1, 2, 3)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000000004.pt", "ckpt_000000005.pt"]
 
@@ -96,6 +97,10 @@ def test_unreadable_newest_checkpoint_falls_back_with_warning(tmp_path, caplog):
         path, state = load_latest_checkpoint(tmp_path)
     assert state["step"] == 3
     assert "ckpt_000000004.pt" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt_000000003.pt",
+        "ckpt_000000004.pt.corrupt",
+    ]
     assert load_latest_checkpoint(tmp_path / "missing") is None
 
 

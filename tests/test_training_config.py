@@ -1,5 +1,5 @@
-"""The Hydra config tree: experiment values of DESIGN.md section 5, and overrides reaching the
-model, the optimizer and the data."""
+"""The Hydra config tree: experiment values of the reference recipes (docs/reference.md), and
+overrides reaching the model, the optimizer and the data."""
 
 from pathlib import Path
 
@@ -8,12 +8,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from speakerlab.distributed import DistContext
+from speakerlab.distributed import DistContext, single_process
 from speakerlab.errors import ConfigError
 from speakerlab.models import build_model, count_parameters
+from speakerlab.training.builders import build_optimizer, model_spec, plain_config
 from speakerlab.training.progress import TrainingMonitor
 from speakerlab.training.schedules import MarginSchedule
-from speakerlab.training.trainer import Trainer, build_optimizer, model_spec, plain_config
+from speakerlab.training.setup import Options
+from speakerlab.training.trainer import Trainer
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -81,7 +83,7 @@ EXPERIMENTS = {
         "model.channels": [1024, 1024, 1024, 1024, 3072],
     },
 }
-# Parameter counts of the reference code (DESIGN.md section 5).
+# Parameter counts of the reference code (docs/reference.md).
 PARAMETERS = {"eres2net": 6_610_688, "campplus": 7_176_224, "ecapa_tdnn": 20_767_552}
 
 
@@ -119,6 +121,7 @@ def test_missing_train_dir_is_a_clear_error():
         plain_config(compose_config("experiment=eres2net"))
 
 
+@pytest.mark.slow
 def test_overrides_reach_model_optimizer_and_data(mini_data, tmp_path):
     cfg = plain_config(
         compose_config(
@@ -135,24 +138,25 @@ def test_overrides_reach_model_optimizer_and_data(mini_data, tmp_path):
             "trainer.batch_size=4",
             "trainer.epochs=3",
             "optim.warmup_epochs=1",
+            "optim.reference_batch=4",
         )
     )
     monitor = TrainingMonitor(tmp_path, enabled=False)
     try:
-        trainer = Trainer.create(cfg, DistContext(0, 1, 0, torch.device("cpu")), monitor)
+        run = Trainer.create(cfg, DistContext(0, 1, 0, torch.device("cpu")), monitor).run
     finally:
         monitor.close()
     # model: ERes2Net with the overridden width and embedding size
-    assert trainer.model.conv1.weight.shape[0] == 4
-    assert trainer.model(torch.randn(2, 100, 80)).shape == (2, 24)
-    assert trainer.classifier.weight.shape == (12, 24)  # 12 speakers, one speed
+    assert run.model.conv1.weight.shape[0] == 4
+    assert run.model(torch.randn(2, 100, 80)).shape == (2, 24)
+    assert run.classifier.weight.shape == (12, 24)  # 12 speakers, one speed
     # optimizer and schedule
-    group = trainer.optimizer.param_groups[0]
+    group = run.optimizer.param_groups[0]
     assert group["momentum"] == 0.5 and group["nesterov"] and group["weight_decay"] == 1e-4
-    assert trainer.lr_schedule.lr == 0.1 and trainer.lr_schedule(1.0) == pytest.approx(0.1)
-    assert trainer.epochs == 3
+    assert run.lr_schedule.lr == 0.1 and run.lr_schedule(1.0) == pytest.approx(0.1)
+    assert run.options.epochs == 3
     # data: 1.5 s crops give 148 frames
-    features, label = trainer.dataset[0]
+    features, label = run.dataset[0]
     assert features.shape == (148, 80) and 0 <= label < 12
 
 
@@ -199,3 +203,11 @@ def test_mini_experiment_is_a_shallow_narrow_eres2net_with_adamw():
     assert name == "eres2net" and kwargs["num_blocks"] == [1, 1, 1, 1] and kwargs["m_channels"] == 8
     assert count_parameters(build_model(name, **kwargs)) < 400_000
     assert cfg.optim.name == "adamw" and cfg.data.speeds == [1.0]
+
+
+def test_a_run_that_would_prune_what_its_export_averages_is_refused_at_start():
+    """Guards against: a run keeping 3 checkpoints whose export averages 5 failing only at
+    stage 4, after hours of training."""
+    cfg = compose_config("trainer.keep_last=3", "trainer.export_average=5")
+    with pytest.raises(ConfigError, match=r"export_average=5 .* trainer.keep_last=3 keeps only 3"):
+        Options.from_config(cfg, single_process("cpu"))

@@ -8,7 +8,12 @@ import torch
 
 from speakerlab.errors import CheckpointError, ConfigError
 from speakerlab.models import build_model
-from speakerlab.training.finetune import InitSource, apply_init_source, classifier_width
+from speakerlab.training.finetune import (
+    InitSource,
+    apply_init_source,
+    classifier_width,
+    resolve_model_spec,
+)
 from speakerlab.training.losses import CosineClassifier
 
 ECAPA = dict(
@@ -80,3 +85,53 @@ def test_wrong_model_is_a_clear_error():
     with pytest.raises(CheckpointError, match="shape mismatch"):
         wider = build_model("ecapa_tdnn", **{**ECAPA, "embedding_size": 16})
         apply_init_source(source(None, name=None), "ecapa_tdnn", wider, CosineClassifier(16, 12))
+
+
+# ------------------------------------------------------------------ architecture of a fine-tune
+
+BASE = ("eres2net", {"feat_dim": 80, "embedding_size": 192, "m_channels": 32})
+NARROW = {"feat_dim": 80, "embedding_size": 64, "m_channels": 8, "num_blocks": [1, 1, 1, 1]}
+
+
+def test_without_a_starting_checkpoint_the_configuration_decides():
+    name, kwargs = resolve_model_spec(BASE, None, None, set())
+    assert name == "eres2net" and kwargs["m_channels"] == 32
+    assert kwargs["num_blocks"] == [3, 4, 6, 3]  # the constructor's default, filled in
+
+
+def test_the_starting_checkpoint_decides_over_the_experiment(caplog):
+    """The large-margin experiment states the base model; the run it continues was narrower."""
+    with caplog.at_level(logging.INFO):
+        name, kwargs = resolve_model_spec(BASE, ("eres2net", NARROW), Path("mini.pt"), set())
+    assert (name, kwargs) == ("eres2net", NARROW)
+    assert (
+        "configured model values replaced: embedding_size 192 -> 64, m_channels 32 -> 8, "
+        "num_blocks [3, 4, 6, 3] -> [1, 1, 1, 1]" in caplog.text
+    )
+
+
+def test_command_line_values_must_agree_with_the_starting_checkpoint():
+    agreeing = ("eres2net", {**BASE[1], "m_channels": 8})
+    name, kwargs = resolve_model_spec(
+        agreeing, ("eres2net", NARROW), Path("mini.pt"), {"m_channels"}
+    )
+    assert kwargs == NARROW
+    with pytest.raises(ConfigError) as err:
+        resolve_model_spec(BASE, ("eres2net", NARROW), Path("mini.pt"), {"embedding_size"})
+    assert str(err.value) == (
+        "mini.pt: the run starts from (or continues) a eres2net model that the command line "
+        "changes (model.embedding_size=192 on the command line, 64 in the checkpoint); its "
+        "weights cannot load into another architecture: drop those overrides, or train from "
+        "scratch without trainer.init_from"
+    )
+    with pytest.raises(ConfigError, match=r"model.name=ecapa_tdnn on the command line, eres2net"):
+        resolve_model_spec(("ecapa_tdnn", {}), ("eres2net", NARROW), Path("mini.pt"), {"name"})
+
+
+def test_a_released_state_dict_shows_its_architecture():
+    """A plain state dict records no name: the architecture is inferred from its weights."""
+    torch.manual_seed(0)
+    weights = build_model("eres2net", **NARROW).state_dict()
+    released = InitSource(Path("released.ckpt"), weights, None, None, None)
+    name, kwargs = resolve_model_spec(BASE, released.architecture(), released.path, set())
+    assert name == "eres2net" and kwargs == NARROW

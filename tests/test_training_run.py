@@ -8,8 +8,7 @@ test needs one (SIGKILL, torchrun).
 
 from __future__ import annotations
 
-import json
-import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,99 +17,30 @@ from pathlib import Path
 
 import pytest
 import torch
-from processes import run_bounded
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torchrun_train import with_nan_on_second_batch
+from torchrun_train import with_nan_on_call
+from training_runs import (
+    ERES2NET,
+    LEARNING,
+    LEARNING_EPOCHS,
+    REPO,
+    TORCHRUN_VARIABLES,
+    clean_environment,
+    final_checkpoint,
+    history,
+    index_rows,
+    overrides,
+    run_two_ranks,
+    torchrun,
+    train_in_process,
+)
 
 from speakerlab.cli import main as cli_main
 from speakerlab.data.index import load_train_index
 from speakerlab.data.sampler import DistributedResumableSampler
 from speakerlab.models.checkpoint import load_embedding_model
-from speakerlab.training import trainer as trainer_module
+from speakerlab.training import builders
 from speakerlab.training.checkpointing import list_checkpoints
-
-REPO = Path(__file__).resolve().parents[1]
-TORCHRUN_VARIABLES = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "GROUP_RANK",
-    "ROLE_RANK",
-    "TORCHELASTIC_RUN_ID",
-)
-
-# A tiny ECAPA-TDNN learns the 12 mini-corpus speakers within a few epochs.
-LEARNING = [
-    "model=ecapa_tdnn",
-    "model.embedding_size=32",
-    "model.channels=[64,64,64,64,192]",
-    "model.attention_channels=16",
-    "model.se_channels=16",
-    "data.crop_seconds=1.5",
-    "data.speeds=[1.0]",
-    "data.augment_prob=0",
-    "trainer.epochs=6",
-    "optim.lr=0.1",
-]
-LEARNING_EPOCHS = 6
-# A tiny ERes2Net with the full data pipeline (speed perturbation: 36 classes, augmentation).
-ERES2NET = [
-    "experiment=eres2net",
-    "model.m_channels=4",
-    "model.embedding_size=16",
-    "data.crop_seconds=0.5",
-    "trainer.epochs=2",
-]
-
-
-def overrides(mini_data, exp_dir: Path, *extra: str) -> list[str]:
-    """Data, a deterministic single-thread CPU run, batch 8, quiet console; then ``extra``."""
-    return [
-        f"data.train_dir={mini_data.train_dir}",
-        f"data.noise_list={mini_data.noise_list}",
-        f"data.rir_list={mini_data.rir_list}",
-        f"exp_dir={exp_dir}",
-        "data.num_workers=0",
-        "trainer.batch_size=8",
-        "optim.warmup_epochs=1",
-        "trainer.device=cpu",
-        "trainer.num_threads=1",
-        "trainer.deterministic=true",
-        "trainer.progress_bar=false",
-        *extra,
-    ]
-
-
-def train_in_process(args: list[str]) -> int:
-    """Run ``speakerlab train ARGS`` in this process; returns the exit status."""
-    saved_argv = sys.argv
-    try:
-        cli_main(["train", *args])
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    finally:
-        sys.argv = saved_argv
-    return 0
-
-
-def final_checkpoint(exp_dir: Path) -> dict:
-    return torch.load(list_checkpoints(exp_dir / "checkpoints")[-1], weights_only=True)
-
-
-def history(exp_dir: Path) -> list[dict]:
-    return json.loads((exp_dir / "history.json").read_text())
-
-
-def index_rows(exp_dir: Path) -> int:
-    return len(load_train_index(exp_dir / "train_index.tsv"))
-
-
-def clean_environment() -> dict[str, str]:
-    """This environment without torchrun variables (a test may run under a launcher)."""
-    return {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +106,7 @@ def test_short_run_learns_and_reports(learned_run):
     assert len(state["rank_states"]) == 1 and state["config"]["optim"]["lr"] == 0.1
 
 
+@pytest.mark.slow
 def test_export_writes_the_released_layout(learned_run, tmp_path, monkeypatch):
     out = tmp_path / "model.ckpt"
     monkeypatch.setattr(
@@ -258,6 +189,7 @@ def frozen(*extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_finetune_from_an_experiment_keeps_model_and_classifier(mini_data, learned_run, tmp_path):
     exp_dir = tmp_path / "ft"
     args = overrides(mini_data, exp_dir, *LEARNING, *frozen(f"trainer.init_from={learned_run}"))
@@ -272,6 +204,7 @@ def test_finetune_from_an_experiment_keeps_model_and_classifier(mini_data, learn
     assert tuned["epoch"] == 1  # a new run: its own epochs, optimizer and schedule
 
 
+@pytest.mark.slow
 def test_large_margin_finetune_keeps_the_3n_classes(mini_data, eres2net_run, tmp_path):
     exp_dir = tmp_path / "lm"
     args = overrides(
@@ -295,6 +228,7 @@ def test_large_margin_finetune_keeps_the_3n_classes(mini_data, eres2net_run, tmp
     assert "margin 0.500" in (exp_dir / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_finetune_from_a_released_checkpoint_initialises_the_classifier(
     mini_data, learned_run, tmp_path, monkeypatch
 ):
@@ -321,6 +255,7 @@ def test_finetune_from_a_released_checkpoint_initialises_the_classifier(
     )
 
 
+@pytest.mark.slow
 def test_finetune_with_another_class_count_reinitialises_the_classifier(
     mini_data, eres2net_run, tmp_path
 ):
@@ -342,13 +277,45 @@ def test_finetune_with_another_class_count_reinitialises_the_classifier(
     assert same_parameters(final_checkpoint(eres2net_run)["model"], tuned["model"])
 
 
-def test_finetune_from_another_architecture_is_a_clear_error(
+@pytest.mark.slow
+def test_finetune_takes_the_architecture_of_its_checkpoint(mini_data, eres2net_run, tmp_path):
+    """Stage 6 after the mini recipe: the large-margin experiment states the full-size ERes2Net
+    (m_channels 32, embedding 192) but starts from a narrow one; the run trains the narrow one."""
+    exp_dir = tmp_path / "lm"
+    args = overrides(
+        mini_data,
+        exp_dir,
+        "experiment=eres2net_lm",
+        "data.crop_seconds=0.5",
+        *frozen(f"trainer.init_from={eres2net_run}"),
+    )
+    assert train_in_process(args) == 0
+    log_text = (exp_dir / "train.log").read_text()
+    assert "configured model values replaced: embedding_size 192 -> 16, m_channels 32 -> 4" in (
+        log_text
+    )
+    tuned = final_checkpoint(exp_dir)
+    assert tuned["model_kwargs"]["m_channels"] == 4 and tuned["config"]["model"]["m_channels"] == 4
+    assert same_parameters(final_checkpoint(eres2net_run)["model"], tuned["model"])
+
+
+@pytest.mark.slow
+def test_finetune_with_a_command_line_model_that_does_not_fit_is_a_clear_error(
     mini_data, learned_run, tmp_path, capsys
 ):
     args = overrides(mini_data, tmp_path / "ft", *ERES2NET, f"trainer.init_from={learned_run}")
     assert train_in_process(args) == 1
-    err = capsys.readouterr().err
-    assert "holds a ecapa_tdnn model but this run trains eres2net" in err and "Traceback" not in err
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"speakerlab train: error: {final_path(learned_run)}: the run starts ")
+    assert (
+        "a ecapa_tdnn model that the command line changes (model.embedding_size=16 on the "
+        "command line, 32 in the checkpoint; model.m_channels=4 on the command line, no "
+        "m_channels in ecapa_tdnn)" in err
+    )
+
+
+def final_path(exp_dir: Path) -> Path:
+    return list_checkpoints(exp_dir / "checkpoints")[-1]
 
 
 # ------------------------------------------------------------------------------ non-finite loss
@@ -356,11 +323,10 @@ def test_finetune_from_another_architecture_is_a_clear_error(
 
 @pytest.fixture
 def nan_on_second_batch(monkeypatch):
-    monkeypatch.setattr(
-        trainer_module, "build_model", with_nan_on_second_batch(trainer_module.build_model, "0")
-    )
+    monkeypatch.setattr(builders, "build_model", with_nan_on_call(builders.build_model, "0"))
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_naming_step_and_batch(
     mini_data, tmp_path, nan_on_second_batch, capsys
 ):
@@ -370,10 +336,13 @@ def test_nonfinite_loss_stops_naming_step_and_batch(
     )
     assert train_in_process(args) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
+    # warm-up from 5e-5 to 0.2 over one epoch of 3 steps: a third of the way at step 2
     assert err.startswith(
         "speakerlab train: error: non-finite loss at epoch 1, iteration 2/3 "
-        "(global step 2): rank 0: loss nan on items "
+        "(global step 2, learning rate 0.0667): rank 0: loss nan on items "
     )
+    assert "the last finite loss was " in err and "(global step 1)" in err
+    assert "No checkpoint was written yet: lower optim.lr and start again" in err
     # the items named are those of the second batch of epoch 0
     utts = load_train_index(exp_dir / "train_index.tsv").utts
     sampler = DistributedResumableSampler(len(utts), seed=42)
@@ -381,6 +350,7 @@ def test_nonfinite_loss_stops_naming_step_and_batch(
     assert "trainer.skip_nonfinite=true" in err
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_can_skip_the_batch(mini_data, tmp_path, nan_on_second_batch):
     exp_dir = tmp_path / "nan"
     args = overrides(
@@ -401,24 +371,6 @@ def test_nonfinite_loss_can_skip_the_batch(mini_data, tmp_path, nan_on_second_ba
 # ------------------------------------------------------------------------------ distributed
 
 
-def torchrun(
-    args: list[str],
-    target: tuple[str, ...] = ("-m", "speakerlab", "train"),
-    env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess:
-    """``TARGET ARGS`` as two torchrun processes, run from the repository."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        *target,
-        *args,
-    ]
-    return run_bounded(command, timeout=300, cwd=REPO, env=env or clean_environment())
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_train_together(mini_data, tmp_path):
     exp_dir = tmp_path / "ddp"
@@ -430,30 +382,25 @@ def test_two_gloo_processes_train_together(mini_data, tmp_path):
     # each rank trains 3 batches of 4 per epoch: the epoch statistics cover both ranks
     assert [e["items"] for e in history(exp_dir)] == [24, 24]
     state = final_checkpoint(exp_dir)
-    assert state["sampler"]["world_size"] == 2 and len(state["rank_states"]) == 2
+    assert state["layout"] == {
+        "world_size": 2,
+        "micro_batch": 4,
+        "accumulate_steps": 1,
+        "global_batch": 8,
+    }
+    assert len(state["rank_states"]) == 2
     assert state["global_step"] == 6
 
 
-def run_two_ranks(args: list[str], output: Path, nan_rank: str | None = None) -> list[int | None]:
-    """Run ``speakerlab train ARGS`` as two torchrun ranks (fresh interpreters, as in real use),
-    with NaN on the second batch of rank ``nan_rank`` if given. Each rank's stderr goes to
-    ``output/<rank>.err``. Returns each rank's exit status, None for a rank that did not end by
-    itself (torchrun stopped it when the other failed)."""
-    env = {**clean_environment(), "RANK_OUTPUT": str(output), "OMP_NUM_THREADS": "1"}
-    if nan_rank is not None:
-        env["NAN_RANK"] = nan_rank
-    torchrun(args, target=(str(REPO / "tests" / "torchrun_train.py"),), env=env)
-    statuses = [output / f"{rank}.status" for rank in range(2)]
-    return [int(path.read_text()) if path.exists() else None for path in statuses]
-
-
+@pytest.mark.slow
 def test_batch_that_does_not_divide_is_one_message_from_two_ranks(mini_data, tmp_path):
     args = overrides(mini_data, tmp_path / "ddp", *ERES2NET, "trainer.batch_size=9")
     assert run_two_ranks(args, tmp_path) == [1, 1]
     # only local rank 0 prints the error both ranks met
     assert (tmp_path / "0.err").read_text().splitlines() == [
         "speakerlab train: error: trainer.batch_size=9 (the global batch) does not divide over 2 "
-        "processes; choose a multiple of 2 or change --nproc_per_node"
+        "processes x 1 accumulation step(s); choose a multiple of 2 or change --nproc_per_node / "
+        "trainer.accumulate_steps"
     ]
     assert (tmp_path / "1.err").read_text() == ""  # no second copy, no traceback
 
@@ -492,15 +439,18 @@ def test_missing_train_dir_is_one_clear_line(tmp_path, capsys):
 # ------------------------------------------------------------------------------ options
 
 
+@pytest.mark.slow
 def test_bf16_autocast_on_cpu_and_checkpoints_by_the_minute(mini_data, tmp_path):
     exp_dir = tmp_path / "bf16"
-    # a tiny minute interval: the clock asks for a checkpoint after every iteration
+    # a tiny minute interval: the clock asks for a checkpoint at every log line (each 2 steps)
+    # and at the end of the epoch
     args = overrides(
         mini_data,
         exp_dir,
         *ERES2NET,
         "trainer.epochs=1",
-        "trainer.max_steps_per_epoch=3",
+        "trainer.max_steps_per_epoch=5",
+        "trainer.log_every_steps=2",
         "trainer.precision=bf16",
         "trainer.save_every_minutes=1e-6",
         "trainer.save_every_epochs=0",
@@ -508,9 +458,9 @@ def test_bf16_autocast_on_cpu_and_checkpoints_by_the_minute(mini_data, tmp_path)
     )
     assert train_in_process(args) == 0
     assert [p.name for p in list_checkpoints(exp_dir / "checkpoints")] == [
-        "ckpt_000000001.pt",
         "ckpt_000000002.pt",
-        "ckpt_000000003.pt",
+        "ckpt_000000004.pt",
+        "ckpt_000000005.pt",
     ]
     assert "precision bf16" in (exp_dir / "train.log").read_text()
     assert torch.isfinite(torch.tensor(history(exp_dir)[0]["loss"]))
@@ -524,20 +474,21 @@ def test_fp16_without_gpu_is_a_clear_error(mini_data, tmp_path, capsys):
     )
 
 
-def test_finished_run_started_again_does_nothing(mini_data, learned_run, capsys):
-    before = list_checkpoints(learned_run / "checkpoints")
-    assert train_in_process(overrides(mini_data, learned_run, *LEARNING)) == 0
-    assert list_checkpoints(learned_run / "checkpoints") == before
+@pytest.mark.slow
+def test_finished_run_started_again_does_nothing(mini_data, learned_run, tmp_path, capsys):
+    exp_dir = tmp_path / "again"  # a copy: the shared run stays as its fixture made it
+    shutil.copytree(learned_run, exp_dir)
+    before = list_checkpoints(exp_dir / "checkpoints")
+    assert train_in_process(overrides(mini_data, exp_dir, *LEARNING)) == 0
+    assert list_checkpoints(exp_dir / "checkpoints") == before
     assert (
         f"training was already complete ({LEARNING_EPOCHS} epochs)"
-        in (learned_run / "train.log").read_text()
+        in (exp_dir / "train.log").read_text()
     )
     # not resuming must not mix a new run into the old one's checkpoints
-    assert (
-        train_in_process(overrides(mini_data, learned_run, *LEARNING, "trainer.resume=false")) == 1
-    )
+    assert train_in_process(overrides(mini_data, exp_dir, *LEARNING, "trainer.resume=false")) == 1
     assert "holds checkpoints of an earlier run and trainer.resume=false" in capsys.readouterr().err
-    assert list_checkpoints(learned_run / "checkpoints") == before
+    assert list_checkpoints(exp_dir / "checkpoints") == before
 
 
 @pytest.mark.slow
@@ -565,6 +516,6 @@ def test_nonfinite_loss_on_one_rank_stops_or_skips_both(mini_data, tmp_path, ski
     else:
         assert codes == [1, 1]
         assert rank0.splitlines()[-1].startswith(
-            "speakerlab train: error: non-finite loss at epoch 1, iteration 2/3 (global step 2): "
-            "rank 1: loss nan on items "
+            "speakerlab train: error: non-finite loss at epoch 1, iteration 2/3 (global step 2, "
+            "learning rate 0.0667): rank 1: loss nan on items "
         )

@@ -16,37 +16,38 @@ import torch
 from torch import nn
 
 
-class NaNOnSecondBatch(nn.Module):
-    """Wraps an embedding model; its second forward pass returns NaN (only on rank ``rank`` of
-    a multi-process run)."""
+class NaNOnCall(nn.Module):
+    """Wraps an embedding model; its forward pass number ``call`` returns NaN (only on rank
+    ``rank`` of a multi-process run)."""
 
-    def __init__(self, inner: nn.Module, rank: str = "0") -> None:
+    def __init__(self, inner: nn.Module, rank: str = "0", call: int = 2) -> None:
         super().__init__()
         self.inner = inner
         self.rank = rank
+        self.call = call
         self.calls = 0
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         out = self.inner(features)
-        if self.calls == 2 and os.environ.get("RANK", "0") == self.rank:
+        if self.calls == self.call and os.environ.get("RANK", "0") == self.rank:
             return out * float("nan")
         return out
 
 
-def with_nan_on_second_batch(
-    build_model: Callable[..., nn.Module], rank: str
+def with_nan_on_call(
+    build_model: Callable[..., nn.Module], rank: str, call: int = 2
 ) -> Callable[..., nn.Module]:
-    """``build_model`` whose models return NaN on their second forward pass on rank ``rank``."""
-    return lambda *args, **kwargs: NaNOnSecondBatch(build_model(*args, **kwargs), rank)
+    """``build_model`` whose models return NaN on forward pass ``call`` on rank ``rank``."""
+    return lambda *args, **kwargs: NaNOnCall(build_model(*args, **kwargs), rank, call)
 
 
 def main() -> int:
     from speakerlab.cli import main as cli_main
-    from speakerlab.training import trainer
+    from speakerlab.training import builders
 
     if "NAN_RANK" in os.environ:
-        trainer.build_model = with_nan_on_second_batch(trainer.build_model, os.environ["NAN_RANK"])
+        builders.build_model = with_nan_on_call(builders.build_model, os.environ["NAN_RANK"])
     output = Path(os.environ["RANK_OUTPUT"])
     sys.stderr = open(output / f"{os.environ['RANK']}.err", "w")
     try:

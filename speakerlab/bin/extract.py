@@ -93,8 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dist-timeout-minutes",
         type=float,
         default=DIST_TIMEOUT_MINUTES,
-        help="under torchrun: how long a rank waits for the others at a synchronisation point "
-        "before the run stops (default %(default)s)",
+        help="under torchrun: how long a rank waits for the others, at the start and at each "
+        "synchronisation point, before the run stops (default %(default)s)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -109,7 +109,12 @@ def run(args: argparse.Namespace) -> None:
         )
     logging.basicConfig(level=logging.INFO, format="speakerlab extract: %(message)s")
     ranks = init_distributed(
-        args.device, args.dist_timeout_minutes, backend="gloo", option="--device"
+        args.device,
+        args.dist_timeout_minutes,
+        backend="gloo",
+        option="--device",
+        rendezvous_minutes=args.dist_timeout_minutes,
+        rendezvous_option="--dist-timeout-minutes",
     )
     scp = extract_with_model(
         args.model,

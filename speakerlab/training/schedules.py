@@ -7,6 +7,7 @@ alone: they hold no state of their own.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -36,6 +37,10 @@ class WarmupCosineLR:
                 f"{self.epochs} must be non-negative and positive"
             )
 
+    def scaled(self, factor: float) -> WarmupCosineLR:
+        """The same schedule with ``lr`` and ``min_lr`` multiplied by ``factor``."""
+        return dataclasses.replace(self, lr=self.lr * factor, min_lr=self.min_lr * factor)
+
     def __call__(self, t: float) -> float:
         if t < self.warmup_epochs:
             return self.min_lr + (self.lr - self.min_lr) * t / self.warmup_epochs
@@ -43,6 +48,16 @@ class WarmupCosineLR:
             return self.min_lr
         progress = (t - self.warmup_epochs) / (self.epochs - self.warmup_epochs)
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_lr_factor(global_batch: int, reference_batch: int | None) -> float:
+    """Linear scaling rule: the factor on a learning rate stated for ``reference_batch`` items
+    per optimizer step when the run takes ``global_batch`` (1 without a reference)."""
+    if reference_batch is None:
+        return 1.0
+    if reference_batch < 1:
+        raise ConfigError(f"optim.reference_batch={reference_batch} must be a positive batch size")
+    return global_batch / reference_batch
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,29 @@
 """The training loop: one experiment from its merged Hydra config to its final checkpoint.
 
-Each iteration sets the learning rate and the AAM margin from the position ``epoch + step /
-steps_per_epoch``, runs the embedding model and cosine classifier (under autocast if asked),
-checks that the loss is finite on every rank, and takes an optimizer step (SGD or AdamW, the
-``optim`` group). Checkpoints are taken at iteration boundaries (every N epochs, every M minutes,
-every S iterations; always at the end) and hold everything the run depends on, so a run killed at
+Each optimizer step sets the learning rate and the AAM margin from the position ``epoch + step /
+steps_per_epoch``, runs the embedding model and cosine classifier over the step's micro-batches
+(``trainer.accumulate_steps``, under autocast if asked), and steps the optimizer (the ``optim``
+group). The running statistics and the finiteness of the loss and gradients stay on the device;
+the host reads them once per logging window (``trainer.log_every_steps``) and before every
+checkpoint, so a step never waits for the GPU. A non-finite loss therefore stops the run at the
+end of its window (naming the step, its learning rate and the last finite loss), before any
+checkpoint could hold it. With ``trainer.skip_nonfinite=true`` each step instead waits for one
+all-ranks finiteness check, and a bad step is skipped on every rank, its batch-norm statistics
+restored (:mod:`speakerlab.training.nonfinite`).
+
+Checkpoints are taken at step boundaries (every N epochs, every S steps, and at the first log line
+after M minutes; always at the end) and hold everything the run depends on, so a run killed at
 any moment and started again with the same command continues exactly where its newest checkpoint
 left it:
 
-* the data order is a pure function of (seed, epoch) and the sampler skips the batches consumed;
+* the data order is a pure function of (seed, epoch) and the sampler skips the steps done;
 * data augmentation of item ``i`` depends only on (seed, epoch, i), whatever the worker count;
 * LR and margin are functions of the position; optimizer, gradient scaler, model and classifier
   states, the random-number generators of every rank and the running epoch statistics are saved.
 
 A deterministic CPU run (``trainer.deterministic=true``, fixed ``trainer.num_threads``) therefore
-ends with the same weights whether or not it was interrupted.
+ends with the same weights whether or not it was interrupted. Set-up: :mod:`.builders`; what a
+checkpoint holds and when a run may resume from it: :mod:`.checkpointing`.
 """
 
 from __future__ import annotations
@@ -23,69 +32,68 @@ import contextlib
 import gc
 import logging
 import math
-import os
-import random
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
-from speakerlab.data.dataset import TrainDataset, build_train_dataset, init_data_worker
-from speakerlab.data.index import build_train_index
-from speakerlab.data.sampler import DistributedResumableSampler
 from speakerlab.distributed import (
     DistContext,
-    EveryRankError,
     all_gather,
-    all_reduce_max,
-    all_reduce_sum,
+    all_gather_tensor,
     init_distributed,
-    local_batch_size,
     run_on_every_rank,
     shutdown_distributed,
 )
-from speakerlab.errors import CheckpointError, ConfigError
-from speakerlab.fileio import write_json_atomic, write_text_atomic
-from speakerlab.models import build_model
-from speakerlab.models.checkpoint import load_state_into
+from speakerlab.errors import ConfigError
+from speakerlab.fileio import exclusive_lock, write_json_atomic, write_text_atomic
+from speakerlab.models import count_parameters
+from speakerlab.training import builders
 from speakerlab.training.checkpointing import (
-    FORMAT_VERSION,
     capture_rng_state,
     checkpoint_dir,
     checkpoint_path,
-    list_checkpoints,
-    load_latest_checkpoint,
     prune_checkpoints,
-    restore_rng_state,
     save_checkpoint,
+    training_state,
 )
-from speakerlab.training.finetune import apply_init_source, classifier_width, read_init_source
-from speakerlab.training.losses import CosineClassifier, MarginSoftmaxLoss, SpeakerClassifierNet
+from speakerlab.training.nonfinite import (
+    NAMED_ITEMS,
+    BadStep,
+    BufferSnapshot,
+    NonFiniteLossError,
+    skip_message,
+    stop_message,
+)
 from speakerlab.training.progress import TrainingMonitor
-from speakerlab.training.schedules import MarginSchedule, WarmupCosineLR, training_position
+from speakerlab.training.schedules import training_position
+from speakerlab.training.setup import Run, build_run
+from speakerlab.training.stats import (
+    FIRST_BAD_LOSS,
+    FIRST_BAD_STEP,
+    LAST_GOOD_LOSS,
+    LAST_GOOD_STEP,
+    GatheredStats,
+    RunningStats,
+    gather_stats,
+)
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Items of a bad batch named in the non-finite-loss message.
-_NAMED_ITEMS = 8
-
-
-class NonFiniteLossError(EveryRankError):
-    """The loss became NaN or infinite (every rank learns of it and stops together)."""
+LOCK_FILE = ".train.lock"
+# A run killed with SIGKILL leaves its DataLoader workers, which share its lock, for up to ~5 s.
+LOCK_WAIT_SECONDS = 15.0
 
 
 @dataclass
 class Position:
-    """Where training stands: the next batch to train is batch ``step`` of ``epoch`` (from 0)."""
+    """Where training stands: the next step to train is step ``step`` of ``epoch`` (from 0)."""
 
     epoch: int = 0
     step: int = 0
@@ -93,306 +101,69 @@ class Position:
 
 
 @dataclass
-class EpochStats:
-    """Running sums of one rank over the current epoch."""
+class Window:
+    """Rank 0's host-side measures between two log lines."""
 
-    loss_sum: float = 0.0
-    correct: int = 0
-    count: int = 0
-    skipped: int = 0
-
-    def as_list(self) -> list[float]:
-        return [self.loss_sum, float(self.correct), float(self.count), float(self.skipped)]
-
-    @classmethod
-    def from_list(cls, values: list[float]) -> EpochStats:
-        loss_sum, correct, count, skipped = values
-        return cls(float(loss_sum), int(correct), int(count), int(skipped))
-
-
-def plain_config(cfg: DictConfig) -> DictConfig:
-    """``cfg`` with every interpolation resolved; a missing mandatory value is a ConfigError."""
-    try:
-        return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
-    except MissingMandatoryValue as err:
-        raise ConfigError(
-            f"{err.full_key} must be set (add {err.full_key}=... to the command)"
-        ) from None
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"invalid configuration: {err}") from None
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``trainer.precision``; fp16 needs a GPU (bf16 also runs on CPU)."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"trainer.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("trainer.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
-    return PRECISIONS[precision]
-
-
-def model_spec(model_cfg: DictConfig) -> tuple[str, dict[str, Any]]:
-    """Model name and constructor kwargs (plain Python values) from the ``model`` group."""
-    spec = OmegaConf.to_container(model_cfg, resolve=True)
-    name = spec.pop("name")
-    return name, spec
-
-
-OPTIMIZERS = ("sgd", "adamw")
-
-
-def build_optimizer(
-    parameters: Iterable[torch.nn.Parameter], optim_cfg: DictConfig, lr: float
-) -> torch.optim.Optimizer:
-    """The optimizer of the ``optim`` group (conf/optim/): SGD with momentum, or AdamW."""
-    name = optim_cfg.get("name", "sgd")
-    if name == "sgd":
-        return torch.optim.SGD(
-            parameters,
-            lr=lr,
-            momentum=float(optim_cfg.momentum),
-            nesterov=bool(optim_cfg.nesterov),
-            weight_decay=float(optim_cfg.weight_decay),
-        )
-    if name == "adamw":
-        return torch.optim.AdamW(
-            parameters,
-            lr=lr,
-            betas=tuple(float(b) for b in optim_cfg.betas),
-            weight_decay=float(optim_cfg.weight_decay),
-        )
-    raise ConfigError(f"optim.name={name!r}: choose one of {', '.join(OPTIMIZERS)}")
-
-
-def build_embedding_model(name: str, kwargs: dict[str, Any]) -> torch.nn.Module:
-    """``build_model`` with bad options reported as a ConfigError."""
-    try:
-        return build_model(name, **kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"model.name={name} with {kwargs}: {err}") from None
-
-
-def configure_determinism(deterministic: bool, num_threads: int | None) -> None:
-    """Deterministic kernels and a fixed CPU thread count, as the config asks."""
-    if num_threads:
-        torch.set_num_threads(int(num_threads))
-    if deterministic:
-        # cuBLAS needs a fixed workspace to be deterministic; set before the first CUDA matmul.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
-    torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = not deterministic
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch, numpy and Python's generators (the model starts identical on all ranks)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
+    epoch_sums: np.ndarray  # global epoch sums (loss, correct, count) at the window's start
+    started: float = field(default_factory=time.perf_counter)
+    data_seconds: float = 0.0
+    lr: float = 0.0
+    margin: float = 0.0
 
 
 class Trainer:
-    """One training run on one rank. Build it with :meth:`create`, then call :meth:`fit`."""
+    """The loop of one run on one rank. Build it with :meth:`create`, then call :meth:`fit`."""
 
-    def __init__(self, cfg: DictConfig, ctx: DistContext, monitor: TrainingMonitor) -> None:
-        self.cfg = cfg
-        self.ctx = ctx
-        self.monitor = monitor
-        self.exp_dir = Path(cfg.exp_dir)
-        self.ckpt_dir = checkpoint_dir(self.exp_dir)
-        self.epochs = int(cfg.trainer.epochs)
-        if self.epochs < 1:
-            raise ConfigError(f"trainer.epochs={self.epochs} must be at least 1")
-        self.local_batch = local_batch_size(int(cfg.trainer.batch_size), ctx.world_size)
-        self.amp_dtype = autocast_dtype(cfg.trainer.precision, ctx.device)
-        if int(cfg.trainer.keep_last) < 1:
-            raise ConfigError(f"trainer.keep_last={cfg.trainer.keep_last} must be at least 1")
-        self.lr_schedule = WarmupCosineLR(
-            float(cfg.optim.lr),
-            float(cfg.optim.min_lr),
-            float(cfg.optim.warmup_epochs),
-            float(self.epochs),
-        )
-        margin = cfg.loss.margin
-        self.margin_schedule = MarginSchedule(
-            float(margin.initial),
-            float(margin.final),
-            float(margin.increase_start_epoch),
-            float(margin.fix_epoch),
-        )
-        self.loss_fn = MarginSoftmaxLoss(
-            cfg.loss.margin_type, float(cfg.loss.scale), easy_margin=bool(cfg.loss.easy_margin)
-        )
-        self.model_name, self.model_kwargs = model_spec(cfg.model)
-        if "embedding_size" not in self.model_kwargs:
-            raise ConfigError("model.embedding_size must be set (the classifier's input width)")
+    def __init__(self, run: Run, monitor: TrainingMonitor) -> None:
+        self.run, self.cfg, self.ctx, self.monitor = run, run.cfg, run.ctx, monitor
+        self.options = run.options
+        self.layout = run.options.layout
+        self.ckpt_dir = checkpoint_dir(run.exp_dir)
+        self.steps_per_epoch = run.steps_per_epoch
+        self.lr_schedule = run.lr_schedule
+        self.stats = RunningStats(self.ctx.device)
         self.position = Position()
-        self.stats = EpochStats()
         self.history: list[dict[str, float]] = []
+        self.flushed_sums = np.zeros(3)  # the epoch sums over all ranks at the last log line
         self.resumed_from: Path | None = None
-        self.epoch_end_save_due = False
-        self.index_path = (
-            Path(cfg.data.index) if cfg.data.index else self.exp_dir / "train_index.tsv"
-        )
+        self.last_checkpoint: Path | None = None
+        self.written: list[Path] = []  # checkpoints this run wrote (the ones pruning counts)
+        if run.resumed is not None:
+            resumed = run.resumed
+            self.position = Position(*resumed.position)
+            self.history = list(resumed.history)
+            self.stats.start_epoch(resumed.rank_epoch_sums)
+            self.flushed_sums = resumed.epoch_sums
+            self.resumed_from = self.last_checkpoint = resumed.path
+        self.snapshot = BufferSnapshot(run.net) if self.options.skip_nonfinite else None
+        self.ddp: DistributedDataParallel | None = None
+        self.train_net = self._wrap(run.net)
 
     @classmethod
-    def create(cls, cfg: DictConfig, ctx: DistContext, monitor: TrainingMonitor) -> Trainer:
-        """Validate the config and build data, model and optimizer, resuming when a checkpoint
-        exists. Failures on any rank stop every rank with one message."""
-        trainer = run_on_every_rank(ctx, lambda: cls(cfg, ctx, monitor))
+    def create(
+        cls,
+        cfg: DictConfig,
+        ctx: DistContext,
+        monitor: TrainingMonitor,
+        explicit_model_keys: Iterable[str] = (),
+    ) -> Trainer:
+        """Set the run up (:func:`.setup.build_run`), save the merged config, wrap the model."""
+        run = build_run(cfg, ctx, set(explicit_model_keys))
         if ctx.is_main:
-            log.info("merged configuration saved to %s", save_merged_config(cfg, trainer.exp_dir))
-        run_on_every_rank(ctx, trainer._prepare_index)
-        run_on_every_rank(ctx, trainer._build)
-        trainer._wrap_for_distributed()
-        return trainer
+            log.info("merged configuration saved to %s", save_merged_config(cfg, run.exp_dir))
+        return cls(run, monitor)
 
-    # ----------------------------------------------------------------------------- set-up
-
-    def _prepare_index(self) -> None:
-        """Build (or reuse) the training index on rank 0 (exp_dir is shared by all nodes: every
-        rank reads the index, and the checkpoints rank 0 writes, from there)."""
-        if self.ctx.is_main:
-            data = self.cfg.data
-            build_train_index(
-                data.train_dir,
-                self.index_path,
-                segment_seconds=float(data.segment_seconds),
-                max_bad_fraction=float(data.max_bad_fraction),
-            )
-
-    def _build(self) -> None:
-        cfg, ctx = self.cfg, self.ctx
-        seed_everything(int(cfg.seed))
-        self.dataset: TrainDataset = build_train_dataset(
-            cfg.data, self.index_path, seed=int(cfg.seed)
-        )
-        self.sampler = DistributedResumableSampler(
-            len(self.dataset),
-            num_replicas=ctx.world_size,
-            rank=ctx.rank,
-            seed=int(cfg.seed),
-            shuffle=True,
-            drop_last=True,
-        )
-        self.sampler.set_epoch(0)
-        self.steps_per_epoch = len(self.sampler) // self.local_batch
-        if cfg.trainer.max_steps_per_epoch:
-            self.steps_per_epoch = min(self.steps_per_epoch, int(cfg.trainer.max_steps_per_epoch))
-        if self.steps_per_epoch < 1:
-            raise ConfigError(
-                f"{self.index_path}: {len(self.dataset)} training items give no full batch of "
-                f"{self.local_batch} per process (trainer.batch_size={cfg.trainer.batch_size} over "
-                f"{ctx.world_size} processes); lower trainer.batch_size"
-            )
-        workers = int(cfg.data.num_workers)
-        self.loader_generator = torch.Generator()
-        self.loader = DataLoader(
-            self.dataset,
-            batch_size=self.local_batch,
-            sampler=self.sampler,
-            num_workers=workers,
-            drop_last=True,
-            pin_memory=ctx.device.type == "cuda",
-            prefetch_factor=int(cfg.data.prefetch_factor) if workers > 0 else None,
-            # The dataset's epoch lives in shared memory, so workers can outlive an epoch.
-            persistent_workers=workers > 0,
-            worker_init_fn=init_data_worker,
-            # The loader draws its worker seeds from its own generator, not the global one.
-            generator=self.loader_generator,
-        )
-
-        self.model = build_embedding_model(self.model_name, self.model_kwargs)
-        if not cfg.trainer.resume and list_checkpoints(self.ckpt_dir):
-            raise ConfigError(
-                f"{self.ckpt_dir} holds checkpoints of an earlier run and "
-                "trainer.resume=false; use a new exp_dir (or remove them)"
-            )
-        resume = load_latest_checkpoint(self.ckpt_dir) if cfg.trainer.resume else None
-        init = None
-        if resume is None and cfg.trainer.init_from:
-            init = read_init_source(cfg.trainer.init_from)
-        if resume is not None:
-            width = self._resumed_classifier_width(*resume)
-        else:
-            width = classifier_width(cfg.loss.num_classes, self.dataset.num_classes, init)
-        self.classifier = CosineClassifier(int(self.model_kwargs["embedding_size"]), width)
-        self.net = SpeakerClassifierNet(self.model, self.classifier).to(ctx.device)
-        self.optimizer = build_optimizer(self.net.parameters(), cfg.optim, self.lr_schedule(0.0))
-        self.scaler = (
-            torch.amp.GradScaler(ctx.device.type) if self.amp_dtype == torch.float16 else None
-        )
-
-        if resume is not None:
-            self._restore(*resume)
-        elif init is not None:
-            apply_init_source(init, self.model_name, self.model, self.classifier)
-
-    def _resumed_classifier_width(self, path: Path, state: dict[str, Any]) -> int:
-        """Classifier width of the checkpoint resumed from, checked against this run's data."""
-        width = int(state["classifier"]["weight"].shape[0])
-        setting = self.cfg.loss.num_classes
-        expected = self.dataset.num_classes if setting == "auto" else setting
-        if isinstance(expected, int) and width != expected:
-            raise CheckpointError(
-                f"{path}: the run in {self.exp_dir} has a {width}-class classifier but this "
-                f"configuration needs {expected}; the data or loss.num_classes changed since it "
-                "started; use a new exp_dir"
-            )
-        return classifier_width(width, self.dataset.num_classes, None)
-
-    def _restore(self, path: Path, state: dict[str, Any]) -> None:
-        """Continue the run saved in ``state`` exactly where it stopped."""
-        if state.get("model_name") != self.model_name:
-            raise CheckpointError(
-                f"{path}: holds a {state.get('model_name')} run but model.name is "
-                f"{self.model_name}; use a new exp_dir"
-            )
-        load_state_into(self.model, state["model"], path)
-        load_state_into(self.classifier, state["classifier"], path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.position = Position(int(state["epoch"]), int(state["step"]), int(state["global_step"]))
-        self.history = list(state.get("history", []))
-        sampler = state["sampler"]
-        same_layout = (
-            sampler["world_size"] == self.ctx.world_size
-            and sampler["local_batch"] == self.local_batch
-        )
-        if self.position.step > 0 and sampler["dataset_size"] != len(self.dataset):
-            raise CheckpointError(
-                f"{path}: saved in the middle of epoch {self.position.epoch + 1} of a "
-                f"{sampler['dataset_size']}-item training index, but {self.index_path} now has "
-                f"{len(self.dataset)} items; the data changed since the run started"
-            )
-        if self.position.step > 0 and not same_layout:
-            raise CheckpointError(
-                f"{path}: saved in the middle of epoch {self.position.epoch + 1} by "
-                f"{sampler['world_size']} processes with {sampler['local_batch']} items each; "
-                f"resume it with the same process count and trainer.batch_size (now "
-                f"{self.ctx.world_size} x {self.local_batch})"
-            )
-        if same_layout:
-            rank_state = state["rank_states"][self.ctx.rank]
-            restore_rng_state(rank_state["rng"], self.ctx.device)
-            self.stats = EpochStats.from_list(rank_state["epoch_stats"])
-        else:
-            log.warning(
-                "%s was saved by %d processes, this run has %d: random-number states are "
-                "not restored",
-                path,
-                sampler["world_size"],
-                self.ctx.world_size,
-            )
-        self.resumed_from = path
-
-    def _wrap_for_distributed(self) -> None:
-        """DDP over model and classifier together (after loading, as DDP broadcasts rank 0's)."""
-        self.train_net: torch.nn.Module = self.net
+    def _wrap(self, net: torch.nn.Module) -> torch.nn.Module:
+        """torch.compile (``trainer.compile``), then DDP over model and classifier together
+        (after loading, as DDP broadcasts rank 0's weights)."""
+        backend = compile_backend(self.cfg.trainer.compile)
+        if backend is not None:
+            net = torch.compile(net, backend=backend)
         if self.ctx.distributed:
             device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-            self.train_net = DistributedDataParallel(self.net, device_ids=device_ids)
+            self.ddp = DistributedDataParallel(net, device_ids=device_ids)
+            net = self.ddp
+        return net
 
     def release_distributed(self) -> None:
         """Drop the DDP wrapper, so that the process group is freed by ``destroy_process_group``.
@@ -401,7 +172,7 @@ class Trainer:
         trainer is (e.g. with an error's traceback), holding the GIL while it joins gloo threads
         that may still need the GIL to free the tensors of the last collective: a deadlock.
         """
-        self.train_net = self.net
+        self.train_net, self.ddp = self.run.net, None
         gc.collect()  # DDP sits in reference cycles: without a collection it would linger
 
     # ----------------------------------------------------------------------------- training
@@ -413,10 +184,10 @@ class Trainer:
         self._log_start()
         self.last_save_time = time.monotonic()
         final = None
-        while self.position.epoch < self.epochs:
+        while self.position.epoch < self.options.epochs:
             final = self._train_epoch()
         if final is None:
-            log.info("training was already complete (%d epochs)", self.epochs)
+            log.info("training was already complete (%d epochs)", self.options.epochs)
             final = self.resumed_from
         log.info(
             "finished; final checkpoint %s (export the embedding model with: speakerlab "
@@ -428,25 +199,25 @@ class Trainer:
 
     def _log_start(self) -> None:
         ctx = self.ctx
-        params = sum(p.numel() for p in self.model.parameters())
         log.info(
             "experiment %s: %s %s (%d parameters), %d classes, %d items, %d iterations per "
             "epoch, %d epochs",
-            self.exp_dir,
-            self.model_name,
-            self.model_kwargs,
-            params,
-            self.classifier.num_classes,
-            len(self.dataset),
+            self.run.exp_dir,
+            self.run.identity.model_name,
+            self.run.identity.model_kwargs,
+            count_parameters(self.run.model),
+            self.run.classifier.num_classes,
+            len(self.run.dataset),
             self.steps_per_epoch,
-            self.epochs,
+            self.options.epochs,
         )
         log.info(
-            "%d process(es) on %s (%s), %d items per process, precision %s",
+            "%d process(es) on %s (%s), %d items per process, global batch %s, precision %s",
             ctx.world_size,
             ctx.device,
             ctx.backend or "no process group",
-            self.local_batch,
+            self.layout.items_per_rank_step,
+            self.layout.describe(),
             self.cfg.trainer.precision,
         )
         if self.resumed_from is not None:
@@ -461,183 +232,241 @@ class Trainer:
         """Train from the current position to the end of its epoch; returns the checkpoint
         written at the end of the epoch, if one was."""
         epoch, start = self.position.epoch, self.position.step
-        self.dataset.set_epoch(epoch)
-        self.sampler.set_epoch(epoch, start=start * self.local_batch)
-        self.loader_generator.manual_seed(int(self.cfg.seed) * 1_000_003 + epoch)
-        # This rank's remaining items in order, to name the items of a bad batch.
-        self.epoch_items = list(self.sampler)
-        self.epoch_start_step = start
+        self.run.dataset.set_epoch(epoch)
+        self.run.sampler.set_epoch(epoch, start)
+        self.run.loader_generator.manual_seed(int(self.cfg.seed) * 1_000_003 + epoch)
+        if start == 0:
+            self.stats.start_epoch()
+            self.flushed_sums = np.zeros(3)
         self.train_net.train()
-        self.epoch_end_save_due = False
         bar = self.monitor.progress_bar(
-            f"epoch {epoch + 1}/{self.epochs}", self.steps_per_epoch, start
+            f"epoch {epoch + 1}/{self.options.epochs}", self.steps_per_epoch, start
         )
-        window = _Window()
-        batches = iter(self.loader)
+        window = Window(self.flushed_sums)
+        batches = iter(self.run.loader)
         try:
             for step in range(start, self.steps_per_epoch):
                 fetch_start = time.perf_counter()
-                features, labels = next(batches)
+                micro_batches = [next(batches) for _ in range(self.layout.accumulate_steps)]
                 window.data_seconds += time.perf_counter() - fetch_start
-                saved_mid_epoch = self._train_step(epoch, step, features, labels, window)
-                window.seconds += time.perf_counter() - fetch_start
+                window.lr, window.margin = self._train_step(epoch, step, micro_batches)
+                self.position = Position(epoch, step + 1, self.position.global_step + 1)
                 bar.update(1)
-                if window.steps and (
-                    self.position.global_step % int(self.cfg.trainer.log_every_steps) == 0
-                    or saved_mid_epoch
-                ):
-                    self._log_window(window, bar)
-                    window = _Window()
+                if step + 1 < self.steps_per_epoch and self._flush_due():
+                    gathered = self._flush(window, bar)
+                    window = Window(self.flushed_sums)
+                    if self._step_save_due() or gathered.flags[0]:
+                        self._save(gathered.epoch_rows())
         finally:
             bar.close()
-        if window.steps:
-            self._log_window(window, bar)
-        return self._finish_epoch(epoch)
+        return self._finish_epoch(epoch, self._flush(window, bar))
 
     def _train_step(
-        self, epoch: int, step: int, features: torch.Tensor, labels: torch.Tensor, window: _Window
-    ) -> bool:
-        """One iteration; returns whether a mid-epoch checkpoint was written after it."""
-        ctx, cfg = self.ctx, self.cfg
+        self, epoch: int, step: int, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[float, float]:
+        """One optimizer step over this rank's micro-batches; returns its LR and margin."""
+        lr, margin = self._set_schedule(epoch, step)
+        if self.snapshot is not None:
+            self.snapshot.take()
+        self.run.optimizer.zero_grad(set_to_none=True)
+        loss_sum, correct, bad = self._forward_backward(micro_batches)
+        number, count = self.position.global_step + 1, self.layout.items_per_rank_step
+        if self.options.skip_nonfinite and self._skip_if_bad(epoch, step, loss_sum / count, bad):
+            self.stats.add_step(number, loss_sum, correct, count, torch.ones_like(bad))
+            return lr, margin
+        self._optimizer_step()
+        self.stats.add_step(number, loss_sum, correct, count, bad)
+        return lr, margin
+
+    def _set_schedule(self, epoch: int, step: int) -> tuple[float, float]:
         t = training_position(epoch, step, self.steps_per_epoch)
-        lr, margin = self.lr_schedule(t), self.margin_schedule(t)
-        for group in self.optimizer.param_groups:
+        lr, margin = self.lr_schedule(t), self.options.margin_schedule(t)
+        for group in self.run.optimizer.param_groups:
             group["lr"] = lr
-        self.loss_fn.margin = margin
-        features = features.to(ctx.device, non_blocking=True)
-        labels = labels.to(ctx.device, non_blocking=True)
+        self.options.loss_fn.margin = margin
+        return lr, margin
 
-        autocast = (
-            torch.autocast(ctx.device.type, dtype=self.amp_dtype)
-            if self.amp_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            cosines = self.train_net(features)
-        loss = self.loss_fn(cosines, labels)
+    def _forward_backward(
+        self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward and backward passes of every micro-batch, the gradients summed (synchronised
+        over the ranks at the last one). Returns the summed loss, the correct predictions and
+        whether the loss or the gradients are not finite, all on the device."""
+        device, parts = self.ctx.device, len(micro_batches)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        for i, (features, labels) in enumerate(micro_batches):
+            features = features.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            defer_sync = self.ddp is not None and i + 1 < parts
+            with self.ddp.no_sync() if defer_sync else contextlib.nullcontext():
+                with self._autocast():
+                    cosines = self.train_net(features)
+                loss = self.options.loss_fn(cosines, labels)
+                share = loss / parts if parts > 1 else loss
+                (self.run.scaler.scale(share) if self.run.scaler is not None else share).backward()
+            loss_sum += loss.detach().double() * len(labels)
+            correct += (cosines.detach().argmax(dim=1) == labels).sum()
+        bad = ~torch.isfinite(loss_sum)
+        if self.run.scaler is None:  # with fp16 the scaler skips steps of overflowing gradients
+            grads = [p.grad for p in self.run.net.parameters() if p.grad is not None]
+            bad |= ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        return loss_sum, correct, bad
 
-        time_due = (
-            ctx.is_main
-            and float(cfg.trainer.save_every_minutes) > 0
-            and time.monotonic() - self.last_save_time >= 60 * float(cfg.trainer.save_every_minutes)
-        )
-        local_bad = not bool(torch.isfinite(loss))
-        any_bad, time_due = all_reduce_max(ctx, [float(local_bad), float(time_due)])
-        self.optimizer.zero_grad(set_to_none=True)
-        if any_bad:
-            self._handle_nonfinite(epoch, step, float(loss.detach()) if local_bad else None)
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.options.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=self.options.amp_dtype)
+
+    def _optimizer_step(self) -> None:
+        if self.run.scaler is not None:
+            self.run.scaler.step(self.run.optimizer)
+            self.run.scaler.update()
         else:
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                self.optimizer.step()
-            loss_value = float(loss.detach())
-            correct = int((cosines.detach().argmax(dim=1) == labels).sum())
-            self.stats.loss_sum += loss_value * len(labels)
-            self.stats.correct += correct
-            self.stats.count += len(labels)
-            window.add(loss_value * len(labels), correct, len(labels))
-        window.steps += 1
-        window.lr, window.margin = lr, margin
+            self.run.optimizer.step()
 
-        self.position = Position(epoch, step + 1, self.position.global_step + 1)
-        every_steps = int(cfg.trainer.save_every_steps)
-        step_due = every_steps > 0 and self.position.global_step % every_steps == 0
-        if step + 1 < self.steps_per_epoch and (step_due or time_due):
-            self._save()
-            return True
-        self.epoch_end_save_due = step_due or bool(time_due)
-        return False
+    def _skip_if_bad(
+        self, epoch: int, step: int, mean_loss: torch.Tensor, bad: torch.Tensor
+    ) -> bool:
+        """``trainer.skip_nonfinite``: if any rank's step is not finite, undo its traces (the
+        batch-norm statistics; the optimizer has not stepped) on every rank and report it. One
+        collective and one wait for the device per step."""
+        rows = all_gather_tensor(self.ctx, torch.stack((bad.double(), mean_loss))).cpu()
+        losses = {rank: float(row[1]) for rank, row in enumerate(rows) if row[0] > 0}
+        if not losses:
+            return False
+        self.snapshot.restore()
+        self.run.optimizer.zero_grad(set_to_none=True)
+        if self.ctx.is_main:
+            bad_step = self._bad_step(epoch, step, self.position.global_step + 1, losses, None)
+            log.warning(skip_message(bad_step, self._describe_items))
+        return True
 
-    def _handle_nonfinite(self, epoch: int, step: int, local_loss: float | None) -> None:
-        """Skip the batch on every rank, or stop with the step and the offending items named."""
-        first = (step - self.epoch_start_step) * self.local_batch
-        items = self.epoch_items[first : first + self.local_batch]
-        report = None if local_loss is None else (local_loss, self._describe_items(items))
-        reports = [
-            (rank, r) for rank, r in enumerate(all_gather(self.ctx, report)) if r is not None
-        ]
-        where = (
-            f"epoch {epoch + 1}, iteration {step + 1}/{self.steps_per_epoch} "
-            f"(global step {self.position.global_step + 1})"
+    # ----------------------------------------------------------------------------- windows
+
+    def _flush_due(self) -> bool:
+        return (
+            self.position.global_step % int(self.cfg.trainer.log_every_steps) == 0
+            or self._step_save_due()
         )
-        batches = "; ".join(
-            f"rank {rank}: loss {value} on items {names}" for rank, (value, names) in reports
-        )
-        if bool(self.cfg.trainer.skip_nonfinite):
-            self.stats.skipped += 1
-            log.warning("non-finite loss at %s, batch skipped (%s)", where, batches)
+
+    def _step_save_due(self) -> bool:
+        every = int(self.cfg.trainer.save_every_steps)
+        return every > 0 and self.position.global_step % every == 0
+
+    def _time_save_due(self) -> bool:
+        minutes = float(self.cfg.trainer.save_every_minutes)
+        return minutes > 0 and time.monotonic() - self.last_save_time >= 60 * minutes
+
+    def _flush(self, window: Window, bar: Any) -> GatheredStats:
+        """Read every rank's statistics (the one wait for the device per window), stop on a
+        non-finite step, and report the window."""
+        time_due = self.ctx.is_main and self._time_save_due()
+        gathered = gather_stats(self.ctx, self.stats, [float(time_due)])
+        if not self.options.skip_nonfinite:
+            self._stop_if_bad(gathered)
+        self._log_window(window, gathered, bar)
+        self.flushed_sums = gathered.sums
+        return gathered
+
+    def _stop_if_bad(self, gathered: GatheredStats) -> None:
+        first = gathered.first_bad_step()
+        if first is None:
             return
-        raise NonFiniteLossError(
-            f"non-finite loss at {where}: {batches}. Lower optim.lr, check those items, or set "
-            "trainer.skip_nonfinite=true to skip such batches"
-        )
+        rows = gathered.rows
+        losses = {
+            rank: float(row[FIRST_BAD_LOSS])
+            for rank, row in enumerate(rows)
+            if row[FIRST_BAD_STEP] == first
+        }
+        good = rows[rows[:, LAST_GOOD_STEP] >= 0]
+        last = None
+        if len(good):
+            last_step = good[:, LAST_GOOD_STEP].max()
+            at_last = good[good[:, LAST_GOOD_STEP] == last_step]
+            last = (float(at_last[:, LAST_GOOD_LOSS].mean()), int(last_step))
+        epoch = self.position.epoch
+        iteration = first - 1 - (self.position.global_step - self.position.step)
+        bad = self._bad_step(epoch, iteration, first, losses, last)
+        checkpoint = str(self.last_checkpoint) if self.last_checkpoint else None
+        raise NonFiniteLossError(stop_message(bad, self._describe_items, checkpoint))
 
-    def _describe_items(self, items: list[int]) -> str:
-        """Utterance ids of dataset rows (the first few), for messages."""
-        names = [self.dataset.index.utts[i] for i in items[:_NAMED_ITEMS]]
-        more = f" and {len(items) - _NAMED_ITEMS} more" if len(items) > _NAMED_ITEMS else ""
+    def _bad_step(
+        self,
+        epoch: int,
+        iteration: int,
+        number: int,
+        losses: dict[int, float],
+        last: tuple[float, int] | None,
+    ) -> BadStep:
+        lr = self.lr_schedule(training_position(epoch, iteration, self.steps_per_epoch))
+        return BadStep(epoch, iteration, self.steps_per_epoch, number, lr, losses, last)
+
+    def _describe_items(self, rank: int, iteration: int) -> str:
+        """Utterance ids of a rank's items in an iteration of this epoch (the first few)."""
+        items = self.run.sampler.step_items(rank, iteration)
+        names = [self.run.dataset.index.utts[i] for i in items[:NAMED_ITEMS]]
+        more = f" and {len(items) - NAMED_ITEMS} more" if len(items) > NAMED_ITEMS else ""
         return ", ".join(names) + more
 
-    def _log_window(self, window: _Window, bar: Any) -> None:
-        """Report the iterations since the last report (rank 0's batches)."""
+    def _log_window(self, window: Window, gathered: GatheredStats, bar: Any) -> None:
+        """Report the steps since the last report (all ranks' batches)."""
         if not self.ctx.is_main:
             return
-        samples_per_second = window.samples * self.ctx.world_size / max(window.seconds, 1e-9)
+        loss_sum, correct, count = (gathered.sums - window.epoch_sums).tolist()
+        seconds = max(time.perf_counter() - window.started, 1e-9)
+        loss = loss_sum / count if count else math.nan
+        accuracy = correct / count if count else math.nan
         values = {
-            "loss": window.mean_loss,
-            "accuracy": window.accuracy,
+            "loss": loss,
+            "accuracy": accuracy,
             "lr": window.lr,
             "margin": window.margin,
-            "samples_per_second": samples_per_second,
-            "data_wait_fraction": window.data_seconds / max(window.seconds, 1e-9),
+            "samples_per_second": count / seconds,
+            "data_wait_fraction": window.data_seconds / seconds,
         }
+        memory = ""
+        if self.ctx.device.type == "cuda":
+            values["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+            memory = f" peak memory {values['peak_memory_gib']:.1f} GiB"
         self.monitor.scalars(self.position.global_step, values)
         bar.set_postfix(
-            {
-                "loss": f"{window.mean_loss:.3f}",
-                "acc": f"{100 * window.accuracy:.1f}%",
-                "lr": f"{window.lr:.2e}",
-            },
+            {"loss": f"{loss:.3f}", "acc": f"{100 * accuracy:.1f}%", "lr": f"{window.lr:.2e}"},
             refresh=False,
         )
         log.info(
             "epoch %d iteration %d/%d: loss %.4f accuracy %.2f%% lr %.3g margin %.3f "
-            "%.1f samples/s data wait %.1f%%",
+            "%.1f samples/s data wait %.1f%%%s",
             self.position.epoch + 1,
             self.position.step,
             self.steps_per_epoch,
-            window.mean_loss,
-            100 * window.accuracy,
+            loss,
+            100 * accuracy,
             window.lr,
             window.margin,
-            samples_per_second,
+            values["samples_per_second"],
             100 * values["data_wait_fraction"],
+            memory,
         )
 
-    def _finish_epoch(self, epoch: int) -> Path | None:
+    def _finish_epoch(self, epoch: int, gathered: GatheredStats) -> Path | None:
         """Epoch summary over all ranks, history, and the epoch-end checkpoint."""
-        loss_sum, correct, count, _ = all_reduce_sum(self.ctx, self.stats.as_list())
-        skipped = self.stats.skipped  # every rank skips the same batches
+        loss_sum, correct, count = gathered.sums.tolist()
         summary = {
             "epoch": epoch + 1,
             "loss": loss_sum / count if count else math.nan,
             "accuracy": correct / count if count else math.nan,
             "lr": self.lr_schedule(epoch + 1.0),
-            "margin": self.margin_schedule(epoch + 1.0),
+            "margin": self.options.margin_schedule(epoch + 1.0),
             "items": int(count),
-            "skipped_batches": int(skipped),
+            "skipped_batches": gathered.skipped,
         }
         self.history.append(summary)
-        self.stats = EpochStats()
         self.position = Position(epoch + 1, 0, self.position.global_step)
         log.info(
             "epoch %d/%d done: loss %.4f accuracy %.2f%% (%d batches skipped)",
             epoch + 1,
-            self.epochs,
+            self.options.epochs,
             summary["loss"],
             100 * summary["accuracy"],
             summary["skipped_batches"],
@@ -645,102 +474,69 @@ class Trainer:
         self.monitor.scalars(
             self.position.global_step, {k: summary[k] for k in ("loss", "accuracy")}, prefix="epoch"
         )
-        every_epochs = int(self.cfg.trainer.save_every_epochs)
-        last = epoch + 1 == self.epochs
+        every = int(self.cfg.trainer.save_every_epochs)
         if (
-            last
-            or self.epoch_end_save_due
-            or (every_epochs > 0 and (epoch + 1) % every_epochs == 0)
+            epoch + 1 == self.options.epochs
+            or self._step_save_due()
+            or gathered.flags[0]
+            or (every > 0 and (epoch + 1) % every == 0)
         ):
-            return self._save()
+            return self._save([[0.0] * 4 for _ in range(self.ctx.world_size)])
         return None
 
     # ----------------------------------------------------------------------------- checkpoints
 
-    def _save(self) -> Path:
-        """Checkpoint the current position (collective: every rank contributes its RNG state)."""
-        rank_state = {
-            "rng": capture_rng_state(self.ctx.device),
-            "epoch_stats": self.stats.as_list(),
-        }
-        rank_states = all_gather(self.ctx, rank_state)
+    def _save(self, epoch_rows: list[list[float]]) -> Path:
+        """Checkpoint the current position (collective: every rank contributes its RNG state).
+        ``epoch_rows``: every rank's epoch sums, as the last window gathered them."""
+        rngs = all_gather(self.ctx, capture_rng_state(self.ctx.device))
         path = checkpoint_path(self.ckpt_dir, self.position.global_step)
-        if self.ctx.is_main:
-            save_checkpoint(self._checkpoint_state(rank_states), path)
-            prune_checkpoints(self.ckpt_dir, int(self.cfg.trainer.keep_last))
-            write_history(self.exp_dir / "history.json", self.history)
+
+        def write() -> None:
+            if not self.ctx.is_main:
+                return
+            states = [{"rng": rng, "epoch_stats": rows} for rng, rows in zip(rngs, epoch_rows)]
+            save_checkpoint(self._checkpoint_state(states), path)
+            self.written.append(path)
+            known = self.written + ([self.resumed_from] if self.resumed_from else [])
+            prune_checkpoints(self.ckpt_dir, self.options.keep_last, known)
+            write_json_atomic(self.run.exp_dir / "history.json", self.history)
             log.info("saved checkpoint %s", path)
+
+        run_on_every_rank(self.ctx, write)
+        self.last_checkpoint = path
         self.last_save_time = time.monotonic()
         return path
 
     def _checkpoint_state(self, rank_states: list[dict[str, Any]]) -> dict[str, Any]:
-        pos = self.position
-        return {
-            "format_version": FORMAT_VERSION,
-            "model": self.model.state_dict(),
-            "model_name": self.model_name,
-            "model_kwargs": dict(self.model_kwargs),
-            "classifier": self.classifier.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "epoch": pos.epoch,
-            "step": pos.step,
-            "global_step": pos.global_step,
-            "sampler": {
-                "epoch": pos.epoch,
-                "start": pos.step * self.local_batch,
-                "local_batch": self.local_batch,
-                "world_size": self.ctx.world_size,
-                "dataset_size": len(self.dataset),
-                "seed": int(self.cfg.seed),
-            },
-            "rank_states": [_cpu_tensors(state) for state in rank_states],
-            "history": list(self.history),
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
-        }
+        pos, base = self.position, self.options.base_lr_schedule
+        return training_state(
+            self.run.identity,
+            model=self.run.model,
+            classifier=self.run.classifier,
+            optimizer=self.run.optimizer,
+            scaler=self.run.scaler,
+            position=(pos.epoch, pos.step, pos.global_step),
+            rank_states=rank_states,
+            lr_factor=self.run.lr_factor,
+            lr_schedule={"lr": base.lr, "min_lr": base.min_lr},
+            history=self.history,
+            config=OmegaConf.to_container(self.cfg, resolve=True),
+        )
 
 
-@dataclass
-class _Window:
-    """Rank-local sums between two log lines."""
-
-    steps: int = 0
-    loss_sum: float = 0.0
-    correct: int = 0
-    samples: int = 0
-    seconds: float = 0.0
-    data_seconds: float = 0.0
-    lr: float = 0.0
-    margin: float = 0.0
-
-    def add(self, loss_sum: float, correct: int, samples: int) -> None:
-        self.loss_sum += loss_sum
-        self.correct += correct
-        self.samples += samples
-
-    @property
-    def mean_loss(self) -> float:
-        return self.loss_sum / self.samples if self.samples else math.nan
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.samples if self.samples else math.nan
-
-
-def _cpu_tensors(state: Any) -> Any:
-    """``state`` with every tensor on the CPU (gathered RNG states may arrive on a GPU)."""
-    if isinstance(state, torch.Tensor):
-        return state.cpu()
-    if isinstance(state, dict):
-        return {k: _cpu_tensors(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_cpu_tensors(v) for v in state)
-    return state
-
-
-def write_history(path: Path, history: list[dict[str, float]]) -> None:
-    """Per-epoch summaries as JSON (atomic), for plots and for scripts that check a run."""
-    write_json_atomic(path, history)
+def compile_backend(setting: Any) -> str | None:
+    """``trainer.compile``: false, true (inductor) or a torch.compile backend by name."""
+    if setting is None or setting is False:
+        return None
+    if setting is True:
+        return "inductor"
+    if isinstance(setting, str) and setting in torch._dynamo.list_backends(exclude_tags=()):
+        return setting
+    raise ConfigError(
+        f"trainer.compile={setting!r}: false, true or one of "
+        f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))}"
+    )
 
 
 def save_merged_config(cfg: DictConfig, exp_dir: Path) -> Path:
@@ -748,24 +544,31 @@ def save_merged_config(cfg: DictConfig, exp_dir: Path) -> Path:
     return write_text_atomic(exp_dir / "config.yaml", OmegaConf.to_yaml(cfg))
 
 
-def train(cfg: DictConfig) -> Path:
+def train(cfg: DictConfig, explicit_model_keys: Iterable[str] = ()) -> Path:
     """Run the experiment ``cfg`` (the merged Hydra config) on this rank; returns the final
-    checkpoint. Joins the torchrun process group if there is one."""
-    cfg = plain_config(cfg)
+    checkpoint. Joins the torchrun process group if there is one. ``explicit_model_keys``: the
+    ``model`` keys given on the command line (see :func:`.finetune.resolve_model_spec`)."""
+    cfg = builders.plain_config(cfg)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     try:
-        configure_determinism(bool(cfg.trainer.deterministic), cfg.trainer.num_threads)
+        builders.configure_backends(cfg.trainer)
         ctx = init_distributed(
-            cfg.trainer.device, float(cfg.trainer.dist_timeout_minutes), option="trainer.device"
+            cfg.trainer.device,
+            float(cfg.trainer.dist_timeout_minutes),
+            option="trainer.device",
+            rendezvous_minutes=float(cfg.trainer.rendezvous_timeout_minutes),
+            rendezvous_option="trainer.rendezvous_timeout_minutes",
         )
         monitor = TrainingMonitor(
             cfg.exp_dir, enabled=ctx.is_main, progress_bar=bool(cfg.trainer.progress_bar)
         )
         trainer = None
         try:
-            trainer = Trainer.create(cfg, ctx, monitor)
-            return trainer.fit()
+            with contextlib.ExitStack() as stack:
+                run_on_every_rank(ctx, lambda: _lock_experiment(ctx, cfg, stack))
+                trainer = Trainer.create(cfg, ctx, monitor, explicit_model_keys)
+                return trainer.fit()
         finally:
             if trainer is not None:
                 trainer.release_distributed()
@@ -776,3 +579,16 @@ def train(cfg: DictConfig) -> Path:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+
+
+def _lock_experiment(ctx: DistContext, cfg: DictConfig, stack: contextlib.ExitStack) -> None:
+    """Rank 0 holds the experiment folder for the run: a second run there stops at once."""
+    if ctx.is_main:
+        exp_dir = Path(cfg.exp_dir)
+        stack.enter_context(
+            exclusive_lock(
+                exp_dir / LOCK_FILE,
+                what=f"the experiment folder {exp_dir}",
+                wait_seconds=LOCK_WAIT_SECONDS,
+            )
+        )

@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# ECAPA-TDNN on 3D-Speaker. The stages live in ../sv.sh; this recipe only picks the experiment.
-# Example: bash run.sh --corpus mini --stage 1 --stop_stage 5        (see --help for all options)
+# ECAPA-TDNN on 3D-Speaker. The stages live in egs/sv.sh, the corpus in ../corpus.sh; this
+# recipe only names its experiments. Example (see --help for all options):
+#   bash run.sh --corpus mini          # simulate a mini corpus, train ecapa_tdnn_mini on it, score
 cd "$(dirname "$0")"
-. ../sv.sh --experiment ecapa_tdnn "$@"
+recipe_experiment=ecapa_tdnn
+recipe_mini_experiment=ecapa_tdnn_mini
+. ../corpus.sh
+. ../../sv.sh "$@"

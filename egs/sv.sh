@@ -1,20 +1,17 @@
 #!/usr/bin/env bash
-# Speaker verification on 3D-Speaker: the stages shared by every sv-* recipe of this corpus.
-# The recipes (sv-eres2net/run.sh, sv-campplus/run.sh, sv-ecapa/run.sh) only choose the
-# experiment; run them from their own folder, where data/ and exp/ are written.
+# Speaker verification: the stages shared by every recipe, whatever the corpus. A recipe's run.sh
+# names its experiments, sources its corpus file (options and stage 1) and then this script, from
+# its own folder, where data/ and exp/ are written; docs/recipes.md says how a corpus plugs in.
 set -euo pipefail
 
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # ---- options (each settable as --name value; see --help) ----
 stage=1
 stop_stage=5
-experiment=eres2net     # Hydra experiment in conf/experiment/
-lm_experiment=""        # stage 6: large-margin fine-tuning experiment (e.g. eres2net_lm)
-corpus=3dspeaker        # 3dspeaker: the real corpus; mini: the built-in simulated corpus
-raw_data=""             # corpus, MUSAN and RIRS_NOISES live here (default data/raw or data/mini_raw)
-download=true           # --corpus 3dspeaker: download what is missing into --raw_data
-mini_size=default       # --corpus mini: default | ci (a smaller corpus for continuous integration)
+experiment=""           # Hydra experiment in conf/experiment/ (default: the recipe's, or its mini one)
+lm_experiment=""        # stage 6 experiment (default: <experiment>_lm, or <base>_lm_mini for *_mini)
+init_from=""            # stage 3 starts from this model: a registry id, checkpoint or experiment folder
 data=data               # prepared lists go here
 exp=""                  # experiment folder (default exp/<experiment>, or exp/pretrained)
 pretrained=""           # skip training: evaluate this registry id or checkpoint path
@@ -29,18 +26,17 @@ calibrate=false         # true: hold out calibration speakers from training, cal
 
 help_message="usage: $0 [options] [-- hydra overrides for training]
 
-Stages: 1 data download/simulation and preparation, 2 training index, 3 training,
+Stages: 1 data (${corpus_name:-corpus} preparation), 2 training index, 3 training,
 4 export + embedding extraction, 5 scoring (results table + DET plot),
-6 (optional, with --lm_experiment) large-margin fine-tuning, extraction and scoring.
+6 large-margin fine-tuning of the stage-3 model, extraction and scoring.
 
 Options:
   --stage N / --stop_stage N   run stages N..M (default 1..5)
-  --experiment NAME            conf/experiment/NAME.yaml (default $experiment)
-  --lm_experiment NAME         fine-tuning experiment of stage 6 (e.g. eres2net_lm)
-  --corpus 3dspeaker|mini      real corpus (default) or the built-in simulated mini corpus
-  --raw_data DIR               where the corpus, MUSAN and RIRS_NOISES are (or go)
-  --download true|false        download missing parts of the real corpus (default true)
-  --mini_size default|ci       size of the simulated corpus
+  --experiment NAME            conf/experiment/NAME.yaml (default ${recipe_experiment:-none}${recipe_mini_experiment:+; $recipe_mini_experiment with --corpus mini})
+  --lm_experiment NAME         stage 6 experiment (default <experiment>_lm; <name>_lm_mini for
+                               <name>_mini)
+  --init_from ID|PATH          fine-tune from a released model id, a checkpoint or an experiment
+                               folder: its embedding model, a classifier sized for these speakers
   --data DIR / --exp DIR       prepared lists / experiment folder
   --pretrained ID|PATH         evaluate a released model id or a checkpoint instead of training
   --gpus \"0 1 ...\"             GPUs to train on (NCCL); empty: CPU (gloo)
@@ -51,7 +47,9 @@ Options:
                                training (stage 2) and fit a score calibration on them (stage 5):
                                calibrated results in <exp>/scores_calibrated, and
                                <exp>/model_calibrated.ckpt for verify
-Everything after -- is passed to training as Hydra overrides, e.g. -- trainer.epochs=10 optim.lr=0.1"
+${corpus_help:-}
+Relative paths start in the recipe folder, where data/ and exp/ are written. Everything after --
+is passed to training as Hydra overrides, e.g. -- trainer.epochs=10 optim.lr=0.1"
 
 . "$root/tools/parse_options.sh"
 train_overrides=("$@")
@@ -64,30 +62,37 @@ fi
 die() { echo "$0: error: $*" >&2; exit 1; }
 log() { echo "[$(date '+%H:%M:%S')] $*" >&2; }
 run_stage() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
+have_experiment() { [ -f "$root/conf/experiment/$1.yaml" ]; }
+experiments() { (cd "$root/conf/experiment" && ls | sed 's/\.yaml$//' | tr '\n' ' '); }
 
-case "$corpus" in
-  3dspeaker) raw_data="${raw_data:-data/raw}" ;;
-  mini) raw_data="${raw_data:-data/mini_raw}" ;;
-  *) die "--corpus must be 3dspeaker or mini, not '$corpus'" ;;
-esac
-case "$download" in true|false) ;; *) die "--download must be true or false, not '$download'" ;; esac
-case "$mini_size" in default|ci) ;; *) die "--mini_size must be default or ci, not '$mini_size'" ;; esac
+corpus_setup
 case "$calibrate" in true|false) ;; *) die "--calibrate must be true or false, not '$calibrate'" ;; esac
 [ "$calibrate" = false ] || [ -z "$pretrained" ] || \
   die "--calibrate needs a model trained here: a released model has seen every training speaker"
-[ -f "$root/conf/experiment/$experiment.yaml" ] || \
-  die "unknown experiment '$experiment' (have: $(cd "$root/conf/experiment" && ls | sed 's/\.yaml$//' | tr '\n' ' '))"
-if [ -n "$lm_experiment" ] && [ ! -f "$root/conf/experiment/$lm_experiment.yaml" ]; then
-  die "unknown --lm_experiment '$lm_experiment'"
+full_train_dir="$train_dir"
+[ "$calibrate" = false ] || train_dir="$prepared/train_fit"  # without the calibration speakers
+
+if [ -z "$experiment" ]; then
+  experiment="$recipe_experiment"
+  if [ "$mini" = true ] && [ -n "${recipe_mini_experiment:-}" ]; then
+    experiment="$recipe_mini_experiment"
+  fi
+fi
+have_experiment "$experiment" || die "unknown experiment '$experiment' (have: $(experiments))"
+# The large-margin experiment that goes with an experiment: eres2net_lm, or eres2net_lm_mini.
+lm_default="${experiment%_mini}_lm"; [ "$experiment" != "${experiment%_mini}" ] && lm_default+=_mini
+if [ -z "$lm_experiment" ]; then
+  have_experiment "$lm_default" && lm_experiment="$lm_default"
+elif ! have_experiment "$lm_experiment"; then
+  die "unknown --lm_experiment '$lm_experiment' (have: $(experiments))"
 fi
 if [ -n "$pretrained" ]; then exp="${exp:-exp/pretrained}"; else exp="${exp:-exp/$experiment}"; fi
-
-prepared="$data/3dspeaker"
-trials=("$prepared/trials/trials_cross_device" "$prepared/trials/trials_cross_distance"
-        "$prepared/trials/trials_cross_dialect")
-train_dir="$prepared/train"
-[ "$calibrate" = false ] || train_dir="$prepared/train_fit"  # without the calibration speakers
 num_gpus=$(echo $gpus | wc -w)
+if [ -n "$pretrained" ]; then
+  log "stages $stage-$stop_stage: evaluating $pretrained in $exp"
+else
+  log "stages $stage-$stop_stage: experiment $experiment in $exp (stage 6: ${lm_experiment:-none})"
+fi
 
 # launch CMD...: run a speakerlab command on every process of this node (torchrun) or directly.
 launch() {
@@ -109,13 +114,13 @@ train() {
   local device=cpu; [ "$num_gpus" -gt 0 ] && device=cuda
   launch train "experiment=$experiment_name" "exp_dir=$exp_dir" "trainer.device=$device" \
     "data.train_dir=$train_dir" "data.index=$exp_dir/train_index.tsv" \
-    "data.noise_list=$data/musan/wav.scp" "data.rir_list=$data/rirs/wav.scp" "$@"
+    "data.noise_list=${noise_list:-null}" "data.rir_list=${rir_list:-null}" "$@"
 }
 
 # extract_embeddings MODEL EXP_DIR: whole-utterance embeddings of the test set (resumable).
 extract_embeddings() {
   log "extracting test embeddings with $1 into $2/embeddings/test"
-  launch extract --model "$1" --wav-scp "$prepared/test/wav.scp" \
+  launch extract --model "$1" --wav-scp "$test_dir/wav.scp" \
     --out-dir "$2/embeddings/test" --batch-size "$extract_batch_size"
 }
 
@@ -131,7 +136,7 @@ score_trials() {
 # $prepared/calibration with a balanced list of up to 20,000 target and as many non-target
 # trials; the other speakers go to $train_dir.
 hold_out_speakers() {
-  speakerlab make-trials --data-dir "$prepared/train" --speakers 200 \
+  speakerlab make-trials --data-dir "$full_train_dir" --speakers 200 \
     --out-dir "$prepared/calibration" --rest-dir "$train_dir"
 }
 
@@ -154,26 +159,7 @@ print(OmegaConf.load(sys.argv[1]).data.train_dir)' "$1/config.yaml")
 }
 
 if run_stage 1; then
-  if [ -f "$prepared/.done" ]; then
-    log "stage 1: $prepared already prepared (remove $prepared/.done to redo)"
-  else
-    if [ "$corpus" = mini ]; then
-      if [ ! -f "$raw_data/.done" ]; then
-        log "stage 1: simulating the mini corpus in $raw_data"
-        mini_args=()
-        [ "$mini_size" = ci ] && mini_args=(--num_train_speakers 16 --num_test_speakers 8)
-        python "$root/local/simulate_mini_corpus.py" --out_dir "$raw_data" "${mini_args[@]}"
-        touch "$raw_data/.done"
-      fi
-    elif [ "$download" = true ]; then
-      log "stage 1: downloading missing parts of 3D-Speaker, MUSAN and RIRS_NOISES into $raw_data"
-      python "$root/local/download_3dspeaker.py" --download_dir "$raw_data/download" --raw_dir "$raw_data"
-    fi
-    log "stage 1: preparing lists in $data"
-    python "$root/local/prepare_3dspeaker.py" --corpus_dir "$raw_data/3dspeaker" --data_dir "$data" \
-      --musan_dir "$raw_data/musan" --rirs_dir "$raw_data/RIRS_NOISES"
-    touch "$prepared/.done"
-  fi
+  corpus_prepare
 fi
 
 if run_stage 2 && [ -z "$pretrained" ]; then
@@ -184,8 +170,9 @@ if run_stage 2 && [ -z "$pretrained" ]; then
 fi
 
 if run_stage 3 && [ -z "$pretrained" ]; then
-  log "stage 3: training $experiment in $exp"
-  train "$experiment" "$exp" "${train_overrides[@]+"${train_overrides[@]}"}"
+  log "stage 3: training $experiment in $exp${init_from:+ from $init_from}"
+  train "$experiment" "$exp" ${init_from:+"trainer.init_from=$init_from"} \
+    "${train_overrides[@]+"${train_overrides[@]}"}"
 fi
 
 if run_stage 4; then
@@ -204,8 +191,10 @@ if run_stage 5; then
   if [ "$calibrate" = true ]; then calibrate_model "$exp" "$exp/model.ckpt"; fi
 fi
 
-if run_stage 6 && [ -n "$lm_experiment" ]; then
+if run_stage 6; then
   [ -z "$pretrained" ] || die "stage 6 fine-tunes a model trained in stage 3; not with --pretrained"
+  [ -n "$lm_experiment" ] || \
+    die "stage 6: no large-margin experiment $lm_default for $experiment; give --lm_experiment"
   lm_exp="${exp}_lm"
   log "stage 6: large-margin fine-tuning ($lm_experiment) from $exp into $lm_exp"
   speakerlab make-index --data_dir "$train_dir" --out "$lm_exp/train_index.tsv" \
