@@ -8,6 +8,7 @@ subcommand name and imports the module lazily to keep ``speakerlab --help`` inst
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -25,6 +26,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "identify": ("identify", "who is speaking? the closest enrolled speakers of each recording"),
     "db": ("db", "list or remove the speakers of a speaker database"),
 }
+
+INFERENCE_COMMANDS = ("extract", "verify", "embed", "enroll", "identify")
 
 
 def usage() -> str:
@@ -44,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     if name not in SUBCOMMANDS:
         print(f"speakerlab: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
+    if name in INFERENCE_COMMANDS:
+        # Read once, when PyTorch is imported: idle threads sleep instead of spinning, which on
+        # cores shared with other processes takes the core from the thread that has work.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     module = importlib.import_module(f"speakerlab.bin.{SUBCOMMANDS[name][0]}")
     sys.argv = [f"speakerlab {name}", *argv[1:]]
     module.main()

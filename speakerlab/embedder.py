@@ -4,8 +4,14 @@ An :class:`Embedder` maps fbank ``(batch, frames, feat_dim)`` to numpy float32 e
 ``(batch, dim)``: :class:`TorchEmbedder` runs a PyTorch module, :class:`OnnxEmbedder` an exported
 graph with ONNX Runtime. :func:`load_embedder` makes one from a registry id, a checkpoint file or an
 ``.onnx`` file. Every embedder has an :attr:`~Embedder.identity`, a digest of what decides its
-output (the weights, or the bytes of the ONNX file), so that work done with one model is never
-taken for work done with another.
+output (the weights and the precision, or the bytes of the ONNX file), so that work done with one
+model is never taken for work done with another.
+
+On the CPU, :class:`TorchEmbedder` runs the model prepared by
+:func:`speakerlab.cpu_inference.prepare_cpu_model` (batch norms folded into the convolutions,
+channels-last weights), in float32 or, with ``precision="bf16"``, in bfloat16 on CPUs that have
+bfloat16 instructions; int8 is an ONNX file written by ``speakerlab export-onnx --quantize int8``
+(:mod:`speakerlab.quantize`), run by :class:`OnnxEmbedder` like any other.
 
 Long recordings (:func:`window_spans`): a recording of more than ``window_frames`` fbank frames is
 cut into the fewest windows that cover it, all of the same length (at most ``window_frames``,
@@ -20,6 +26,7 @@ Memory then depends on the window length and ``max_batch_frames``, not on the re
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import math
@@ -34,6 +41,13 @@ import torch
 from torch import nn
 
 from speakerlab.audio import SAMPLE_RATE, read_audio
+from speakerlab.cpu_inference import (
+    PRECISIONS,
+    onnx_session_options,
+    prepare_cpu_model,
+    require_bf16,
+    reuse_freed_memory,
+)
 from speakerlab.distributed import DistContext, resolve_device, run_on_every_rank, single_process
 from speakerlab.errors import CheckpointError, ConfigError
 from speakerlab.features import FRAME_LENGTH_MS, FRAME_SHIFT_MS, fbank, num_frames
@@ -42,6 +56,11 @@ from speakerlab.fileio import tensors_digest
 DEFAULT_WINDOW_SECONDS = 60.0
 DEFAULT_MAX_BATCH_FRAMES = 6000  # 60 s of fbank frames per model call
 BACKENDS = ("auto", "torch", "onnx")
+PRECISION_HELP = (
+    "fp32 (default) or bf16: bfloat16 convolutions and matrix products with PyTorch on the CPU, "
+    "refused where the CPU has no bfloat16 instructions (AVX512-BF16 or AMX). int8: give --model "
+    "an .onnx file written by 'speakerlab export-onnx --quantize int8'"
+)
 _PROBE_MAX_FRAMES = 200  # 2 s: a model that needs more is of no use for verification
 _WINDOW_SAMPLES = int(SAMPLE_RATE * FRAME_LENGTH_MS / 1000)
 _SHIFT_SAMPLES = int(SAMPLE_RATE * FRAME_SHIFT_MS / 1000)
@@ -58,6 +77,7 @@ class Embedder(ABC):
     """
 
     feat_dim: int = 80
+    precision: str = "fp32"  # of the arithmetic: fp32, bf16 (PyTorch) or int8 (ONNX file)
     _min_frames: int | None = None
 
     @abstractmethod
@@ -103,27 +123,64 @@ class Embedder(ABC):
 
 
 class TorchEmbedder(Embedder):
-    """A PyTorch embedding model in eval mode on ``device``."""
+    """A PyTorch embedding model in eval mode on ``device``.
 
-    def __init__(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
+    On the CPU it runs a copy of ``model`` prepared by
+    :func:`speakerlab.cpu_inference.prepare_cpu_model` when it is first used (:attr:`runner`;
+    ``model`` itself is left unchanged, and must not change after that); ``precision="bf16"``
+    runs the convolutions and matrix products in bfloat16 there (refused, with
+    :class:`ConfigError`, where the CPU has no bfloat16 instructions). Embeddings are float32
+    either way.
+    """
+
+    def __init__(
+        self, model: nn.Module, device: str | torch.device = "cpu", precision: str = "fp32"
+    ) -> None:
         self.device = torch.device(device)
+        check_precision(precision, self.device)
+        self.precision = precision
         self.model = model.to(self.device).eval()
         self.feat_dim = int(getattr(model, "feat_dim", 80))
+        self._runner: nn.Module | None = None
         self._identity: str | None = None
 
+    @property
+    def runner(self) -> nn.Module:
+        """The module that computes the embeddings: on the CPU the prepared copy of the model."""
+        if self._runner is None:
+            is_cpu = self.device.type == "cpu"
+            self._runner = prepare_cpu_model(copy.deepcopy(self.model)) if is_cpu else self.model
+        return self._runner
+
     def embed_features(self, feats: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            out = self.model(feats.to(self.device, non_blocking=True))
+        runner = self.runner  # prepared (once) in float32, outside the contexts below
+        bf16 = self.precision == "bf16"
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = runner(feats.to(self.device, non_blocking=True))
         return out.float().cpu().numpy()
 
     @property
     def identity(self) -> str:
-        """The model class and a digest of its weights and buffers (computed once: the model
-        must not be changed while this embedder is in use)."""
+        """The precision, the model class and a digest of its weights and buffers (computed
+        once: the model must not be changed while this embedder is in use)."""
         if self._identity is None:
             weights = tensors_digest(self.model.state_dict())
-            self._identity = f"torch:{type(self.model).__name__}:{weights}"
+            name = type(self.model).__name__
+            self._identity = f"torch:{self.precision}:{name}:{weights}"
         return self._identity
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Raise :class:`ConfigError` unless PyTorch can run ``precision`` on ``device`` here."""
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"precision {precision!r}: choose one of {', '.join(PRECISIONS)} (int8 is an ONNX "
+            "file: speakerlab export-onnx --quantize int8)"
+        )
+    if precision == "bf16":
+        if device.type != "cpu":
+            raise ConfigError(f"bf16 inference runs on the CPU here, not on {device}")
+        require_bf16()
 
 
 class OnnxEmbedder(Embedder):
@@ -147,13 +204,11 @@ class OnnxEmbedder(Embedder):
         if not path.is_file():
             raise CheckpointError(f"{path}: ONNX model not found")
         data = path.read_bytes()  # one read: what runs is what the identity describes
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if num_threads:
-            options.intra_op_num_threads = num_threads
         try:
             self.session = onnxruntime.InferenceSession(
-                data, options, providers=list(providers or ["CPUExecutionProvider"])
+                data,
+                onnx_session_options(num_threads),
+                providers=list(providers or ["CPUExecutionProvider"]),
             )
         except Exception as err:
             raise CheckpointError(f"{path}: not a loadable ONNX model ({err})") from None
@@ -167,7 +222,8 @@ class OnnxEmbedder(Embedder):
         self.input_name = inputs[0].name
         self.feat_dim = inputs[0].shape[2]
         self.metadata = read_metadata(self.session.get_modelmeta().custom_metadata_map)
-        self._identity = f"onnx:{hashlib.sha256(data).hexdigest()}"
+        self.precision = str(self.metadata.get("precision", "fp32"))
+        self._identity = f"onnx:{self.precision}:{hashlib.sha256(data).hexdigest()}"
 
     def embed_features(self, feats: torch.Tensor) -> np.ndarray:
         array = np.ascontiguousarray(feats.detach().cpu().numpy(), dtype=np.float32)
@@ -175,7 +231,7 @@ class OnnxEmbedder(Embedder):
 
     @property
     def identity(self) -> str:
-        """A digest of the ONNX file's bytes."""
+        """The precision and a digest of the ONNX file's bytes."""
         return self._identity
 
 
@@ -324,27 +380,44 @@ def load_embedder(
     onnx_path: str | Path | None = None,
     ranks: DistContext | None = None,
     num_threads: int | None = None,
+    precision: str = "fp32",
 ) -> tuple[Embedder, float | None]:
     """An embedder and its known decision threshold (or None) for a registry id, a checkpoint
-    file or an ``.onnx`` file.
+    file or an ``.onnx`` file (an int8 one included).
 
     Without ``onnx_path`` an ``.onnx`` file runs with ONNX Runtime and anything else with
     PyTorch on ``device``. With ``onnx_path``, ``backend`` chooses (:func:`choose_backend`); to
     run a checkpoint or id with ONNX Runtime it is exported there first, unless that file already
     holds an export of the same weights and settings. Under torchrun (``ranks``) rank 0 exports
     and the others wait; a failure on rank 0 is raised on every rank.
+
+    ``precision="bf16"`` runs a checkpoint or id with PyTorch in bfloat16 (the ``auto`` backend
+    then chooses PyTorch). On the CPU the process keeps freed memory for reuse
+    (:func:`speakerlab.cpu_inference.reuse_freed_memory`).
     """
     device = resolve_device(device) if isinstance(device, str) else device
+    check_precision(precision, device)
     is_onnx = str(source).endswith(".onnx")
+    if precision == "bf16":
+        if is_onnx:
+            raise ConfigError(
+                f"{source}: an ONNX file runs in the precision it was exported in; bf16 needs "
+                "a checkpoint or registry id"
+            )
+        if backend == "onnx":
+            raise ConfigError("bf16 runs with the PyTorch backend: use --backend torch or auto")
+        backend = "torch"
     if onnx_path is None and backend == "auto":
         backend = "onnx" if is_onnx else "torch"
     backend = choose_backend(backend, device, source)
     threads = num_threads or torch.get_num_threads()
+    if device.type == "cpu":
+        reuse_freed_memory()
     if backend == "torch":
         from speakerlab.pretrained import load_model
 
         loaded = load_model(source)
-        return TorchEmbedder(loaded.model, device), loaded.threshold
+        return TorchEmbedder(loaded.model, device, precision), loaded.threshold
     if device.type != "cpu":
         raise ConfigError(f"ONNX models run on the CPU here, not on {device}; use the CPU")
     if not is_onnx:

@@ -544,15 +544,22 @@ def extract_with_model(
     device: str | torch.device = "cpu",
     ranks: DistContext | None = None,
     lock_wait_seconds: float = 0.0,
+    precision: str = "fp32",
     **options: Any,
 ) -> Path:
     """:func:`extract_embeddings` with the model ``source`` (registry id, checkpoint or .onnx
-    file). With the ONNX backend a checkpoint is exported to ``<out_dir>/model.onnx`` first
-    (unless it holds that export already), inside the folder's lock."""
+    file, an int8 one included) in ``precision`` (:func:`speakerlab.embedder.load_embedder`).
+    With the ONNX backend a checkpoint is exported to ``<out_dir>/model.onnx`` first (unless it
+    holds that export already), inside the folder's lock."""
     ranks = ranks or single_process(device)
     with output_lock(out_dir, ranks, lock_wait_seconds):
         embedder, _ = load_embedder(
-            source, ranks.device, backend=backend, onnx_path=Path(out_dir) / ONNX_NAME, ranks=ranks
+            source,
+            ranks.device,
+            backend=backend,
+            onnx_path=Path(out_dir) / ONNX_NAME,
+            ranks=ranks,
+            precision=precision,
         )
         return extract_embeddings(wav_scp, embedder, out_dir, ranks=ranks, **options)
 

@@ -205,10 +205,12 @@ class SpeakerVerifier:
         device: str = "cpu",
         window_seconds: float = DEFAULT_WINDOW_SECONDS,
         max_batch_frames: int = DEFAULT_MAX_BATCH_FRAMES,
+        precision: str = "fp32",
     ) -> SpeakerVerifier:
-        """Load a registry id, checkpoint or ONNX file; ``threshold`` overrides the model's
-        threshold and calibration."""
-        embedder, known_threshold = load_embedder(source, device)
+        """Load a registry id, checkpoint or ONNX file (an int8 one included); ``threshold``
+        overrides the model's threshold and calibration; ``precision="bf16"`` runs a checkpoint
+        or id in bfloat16 on the CPU (:func:`speakerlab.embedder.load_embedder`)."""
+        embedder, known_threshold = load_embedder(source, device, precision=precision)
         windows = {"window_seconds": window_seconds, "max_batch_frames": max_batch_frames}
         if threshold is not None:
             return cls(embedder, threshold, str(source), **windows)
@@ -389,17 +391,17 @@ class SpeakerVerifier:
 
 
 @lru_cache(maxsize=4)
-def _cached_verifier(source: str, device: str, content: str) -> SpeakerVerifier:
+def _cached_verifier(source: str, device: str, precision: str, content: str) -> SpeakerVerifier:
     del content  # part of the cache key only
-    return SpeakerVerifier.load(source, device=device)
+    return SpeakerVerifier.load(source, device=device, precision=precision)
 
 
-def _verifier(model: str | Path, device: str) -> SpeakerVerifier:
+def _verifier(model: str | Path, device: str, precision: str = "fp32") -> SpeakerVerifier:
     """The verifier of ``model``, loaded once per content: a file rewritten with other weights
     (a retrained model exported to the same path) is loaded again."""
     path = Path(model)
     content = file_digest(path) if path.is_file() else str(model)
-    return _cached_verifier(str(model), device, content)
+    return _cached_verifier(str(model), device, precision, content)
 
 
 def embed(
@@ -407,9 +409,11 @@ def embed(
     model: str | Path = DEFAULT_MODEL,
     sample_rate: int | None = None,
     device: str = "cpu",
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """Embedding of one recording ``(dim,)``, or ``(n, dim)`` for a list of recordings."""
-    verifier = _verifier(model, device)
+    """Embedding of one recording ``(dim,)``, or ``(n, dim)`` for a list of recordings
+    (``precision``: see :meth:`SpeakerVerifier.load`)."""
+    verifier = _verifier(model, device, precision)
     if isinstance(audio, (list, tuple)):
         return verifier.embed_many(audio, sample_rate)
     return verifier.embed(audio, sample_rate)
@@ -422,6 +426,7 @@ def verify(
     threshold: float | None = None,
     sample_rate: int | None = None,
     device: str = "cpu",
+    precision: str = "fp32",
 ) -> Verification:
     """Score and decision for one pair with ``model`` (loaded once per content and cached)."""
-    return _verifier(model, device).verify(enrol, test, sample_rate, threshold)
+    return _verifier(model, device, precision).verify(enrol, test, sample_rate, threshold)

@@ -16,7 +16,12 @@ import argparse
 
 from speakerlab.bin import exits_on_error
 from speakerlab.data.kaldi_dir import read_wav_scp
-from speakerlab.embedder import DEFAULT_MAX_BATCH_FRAMES, DEFAULT_WINDOW_SECONDS
+from speakerlab.embedder import (
+    DEFAULT_MAX_BATCH_FRAMES,
+    DEFAULT_WINDOW_SECONDS,
+    PRECISION_HELP,
+    PRECISIONS,
+)
 from speakerlab.errors import ConfigError
 from speakerlab.extract import embed_recordings, keys_for_files
 from speakerlab.inference import DEFAULT_MODEL, SpeakerVerifier
@@ -37,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="registry id, checkpoint file or .onnx file (default %(default)s)",
     )
     parser.add_argument("--normalize", action="store_true", help="write unit-length embeddings")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument(
         "--window-seconds",
@@ -72,6 +78,7 @@ def run(args: argparse.Namespace) -> None:
         device=args.device,
         window_seconds=args.window_seconds,
         max_batch_frames=args.max_batch_frames,
+        precision=args.precision,
     )
     scp, dim = embed_recordings(verifier, table, args.out_dir, normalize=args.normalize)
     print(f"wrote {len(table)} embeddings of dimension {dim} to {scp}")

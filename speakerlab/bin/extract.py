@@ -16,7 +16,13 @@ import logging
 
 from speakerlab.bin import exits_on_error
 from speakerlab.distributed import init_distributed
-from speakerlab.embedder import BACKENDS, DEFAULT_MAX_BATCH_FRAMES, DEFAULT_WINDOW_SECONDS
+from speakerlab.embedder import (
+    BACKENDS,
+    DEFAULT_MAX_BATCH_FRAMES,
+    DEFAULT_WINDOW_SECONDS,
+    PRECISION_HELP,
+    PRECISIONS,
+)
 from speakerlab.errors import ConfigError
 from speakerlab.extract import extract_with_model
 
@@ -70,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(again only when the model changed); torch: PyTorch; auto (default): onnx on the CPU "
         "and for .onnx files, torch on a GPU",
     )
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     parser.add_argument(
         "--device",
         default="auto",
@@ -114,6 +121,7 @@ def run(args: argparse.Namespace) -> None:
         args.wav_scp,
         args.out_dir,
         backend=args.backend,
+        precision=args.precision,
         ranks=ranks,
         lock_wait_seconds=args.lock_wait_seconds,
         batch_size=args.batch_size,

@@ -16,7 +16,12 @@ from __future__ import annotations
 import argparse
 
 from speakerlab.bin import exits_on_error
-from speakerlab.embedder import DEFAULT_MAX_BATCH_FRAMES, DEFAULT_WINDOW_SECONDS
+from speakerlab.embedder import (
+    DEFAULT_MAX_BATCH_FRAMES,
+    DEFAULT_WINDOW_SECONDS,
+    PRECISION_HELP,
+    PRECISIONS,
+)
 from speakerlab.inference import DEFAULT_MODEL, SpeakerVerifier
 
 
@@ -34,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="registry id, checkpoint file or .onnx file (default %(default)s)",
     )
     parser.add_argument("--threshold", type=float, help="decision threshold on the cosine score")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument(
         "--window-seconds",
@@ -58,6 +64,7 @@ def run(args: argparse.Namespace) -> None:
         device=args.device,
         window_seconds=args.window_seconds,
         max_batch_frames=args.max_batch_frames,
+        precision=args.precision,
     )
     result = verifier.verify(args.enrol, args.test)
     decision = "same speaker" if result.same_speaker else "different speakers"
