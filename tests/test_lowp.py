@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from processes import run_bounded
+from test_onnx import reference_model
 from torch import nn
 
 from speakerlab import cpu_inference, flops
@@ -22,29 +23,6 @@ from speakerlab.cpu_inference import (
 from speakerlab.embedder import OnnxEmbedder, TorchEmbedder, check_precision, load_embedder
 from speakerlab.errors import CheckpointError, ConfigError
 from speakerlab.features import fbank
-from speakerlab.models import build_model
-
-REFERENCE = Path(__file__).parent / "fixtures" / "reference"
-SMALL_CONFIGS = {
-    "eres2net": dict(feat_dim=80, embedding_size=32, m_channels=8),
-    "eres2netv2": dict(feat_dim=80, embedding_size=32, m_channels=8),
-    "campplus": dict(feat_dim=80, embedding_size=32, growth_rate=8, bn_size=2, init_channels=16),
-    "ecapa_tdnn": dict(
-        feat_dim=80,
-        embedding_size=32,
-        channels=[64, 64, 64, 64, 192],
-        attention_channels=16,
-        se_channels=16,
-    ),
-}
-
-
-def reference_model(name: str) -> nn.Module:
-    """Small model with the reference fixture's weights (trained-like batch-norm statistics)."""
-    model = build_model(name, **SMALL_CONFIGS[name])
-    fixture = torch.load(REFERENCE / f"{name}_small.pt", weights_only=True)
-    model.load_state_dict(fixture["state_dict"])
-    return model.eval()
 
 
 def speech_like_fbank(seed: int, seconds: float = 3.0) -> torch.Tensor:
