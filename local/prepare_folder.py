@@ -43,7 +43,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from speakerlab.audio import SAMPLE_RATE, audio_info, audio_truncation, read_audio  # noqa: E402
+from speakerlab.audio import SAMPLE_RATE, complete_audio_info, read_audio  # noqa: E402
 from speakerlab.data.kaldi_dir import (  # noqa: E402
     read_table,
     read_utt2spk,
@@ -170,14 +170,11 @@ def check_audio(corpus: Corpus) -> AudioReport:
     unreadable, to_convert = {}, {}
     for utt, path in tqdm(corpus.wav.items(), desc="checking audio", unit="file", leave=False):
         try:
-            info = audio_info(path)
-            truncated = audio_truncation(path)
+            info = complete_audio_info(path)
         except AudioError as err:
             unreadable[utt] = str(err)
             continue
-        if truncated is not None:
-            unreadable[utt] = truncated
-        elif info.frames == 0:
+        if info.frames == 0:
             unreadable[utt] = f"{path}: no samples"
         elif info.samplerate != SAMPLE_RATE or info.channels != 1:
             to_convert[utt] = f"{path}: {info.samplerate} Hz, {info.channels} channel(s)"

@@ -57,6 +57,16 @@ def audio_truncation(path: str | Path) -> str | None:
     return None
 
 
+def complete_audio_info(path: str | Path) -> soundfile._SoundFileInfo:
+    """:func:`audio_info` of a file that holds what its header promises: a truncated file (see
+    :func:`audio_truncation`) raises :class:`AudioError` like an unreadable one."""
+    info = audio_info(path)
+    truncated = audio_truncation(path)
+    if truncated is not None:
+        raise AudioError(truncated)
+    return info
+
+
 def read_audio(path: str | Path, start: int = 0, frames: int = -1) -> tuple[np.ndarray, int]:
     """``frames`` samples from ``start`` (to the end by default): (float32 channel-0 samples, rate).
 

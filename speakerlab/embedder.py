@@ -335,7 +335,7 @@ def embed_windowed(
     by_frames: dict[int, list[int]] = {}
     for index, item in enumerate(items):
         by_frames.setdefault(item.shape[1], []).append(index)
-    sums: list[np.ndarray] = [np.zeros(0)] * len(items)
+    sums: dict[int, np.ndarray] = {}
     for frames, indices in by_frames.items():
         per_call = max(1, max_batch_frames // frames)
         windows = [(i, k) for i in indices for k in range(items[i].shape[0])]
@@ -348,8 +348,8 @@ def embed_windowed(
                 pieces.append(items[i].fbank(ks[0], ks[-1] + 1))
             rows = embedder(torch.cat(pieces)).astype(np.float64)
             for i, row in zip(owners, rows):
-                sums[i] = sums[i] + row if sums[i].size else row
-    return np.stack([total / item.shape[0] for total, item in zip(sums, items)]).astype(np.float32)
+                sums[i] = sums.get(i, 0.0) + row
+    return np.stack([sums[i] / item.shape[0] for i, item in enumerate(items)]).astype(np.float32)
 
 
 def nonfinite_rows(embeddings: np.ndarray) -> list[int]:

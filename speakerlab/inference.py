@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speakerlab.audio import SAMPLE_RATE, audio_info, audio_truncation, check_finite, read_audio
+from speakerlab.audio import SAMPLE_RATE, audio_info, check_finite, complete_audio_info, read_audio
 from speakerlab.calibration import Calibration, read_model_calibration
 from speakerlab.embedder import (
     DEFAULT_MAX_BATCH_FRAMES,
@@ -272,12 +272,9 @@ class SpeakerVerifier:
         if not isinstance(audio, (str, Path)):
             return None
         require_file(audio)
-        info = audio_info(audio)
+        info = complete_audio_info(audio)
         if info.samplerate != SAMPLE_RATE or window_shape(info.frames, self.window_frames)[0] == 1:
             return None
-        truncated = audio_truncation(audio)
-        if truncated is not None:
-            raise AudioError(truncated)
         return info.frames
 
     def embed(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from collections.abc import Callable
@@ -30,3 +31,30 @@ def exits_on_error(command: str) -> Callable[[Callable[..., None]], Callable[...
         return wrapped
 
     return decorate
+
+
+def add_embedding_options(parser: argparse.ArgumentParser) -> None:
+    """The options every command that embeds recordings shares: precision, window length and the
+    frames per model call."""
+    from speakerlab.embedder import (
+        DEFAULT_MAX_BATCH_FRAMES,
+        DEFAULT_WINDOW_SECONDS,
+        PRECISION_HELP,
+        PRECISIONS,
+    )
+
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+    parser.add_argument(
+        "--window-seconds",
+        type=float,
+        default=DEFAULT_WINDOW_SECONDS,
+        help="recordings longer than this are embedded in windows of at most this length, "
+        "their embeddings averaged (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-batch-frames",
+        type=int,
+        default=DEFAULT_MAX_BATCH_FRAMES,
+        help="most fbank frames given to the model at once; bounds its memory "
+        "(default %(default)s = 60 s)",
+    )

@@ -14,14 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-from speakerlab.bin import exits_on_error
+from speakerlab.bin import add_embedding_options, exits_on_error
 from speakerlab.data.kaldi_dir import read_wav_scp
-from speakerlab.embedder import (
-    DEFAULT_MAX_BATCH_FRAMES,
-    DEFAULT_WINDOW_SECONDS,
-    PRECISION_HELP,
-    PRECISIONS,
-)
 from speakerlab.errors import ConfigError
 from speakerlab.extract import embed_recordings, keys_for_files
 from speakerlab.inference import DEFAULT_MODEL, SpeakerVerifier
@@ -42,20 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="registry id, checkpoint file or .onnx file (default %(default)s)",
     )
     parser.add_argument("--normalize", action="store_true", help="write unit-length embeddings")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument(
-        "--window-seconds",
-        type=float,
-        default=DEFAULT_WINDOW_SECONDS,
-        help="recordings longer than this are embedded in windows (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-batch-frames",
-        type=int,
-        default=DEFAULT_MAX_BATCH_FRAMES,
-        help="most fbank frames given to the model at once (default %(default)s)",
-    )
+    add_embedding_options(parser)
     return parser.parse_args(argv)
 
 

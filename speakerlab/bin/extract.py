@@ -14,15 +14,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from speakerlab.bin import exits_on_error
+from speakerlab.bin import add_embedding_options, exits_on_error
 from speakerlab.distributed import init_distributed
-from speakerlab.embedder import (
-    BACKENDS,
-    DEFAULT_MAX_BATCH_FRAMES,
-    DEFAULT_WINDOW_SECONDS,
-    PRECISION_HELP,
-    PRECISIONS,
-)
+from speakerlab.embedder import BACKENDS
 from speakerlab.errors import ConfigError
 from speakerlab.extract import extract_with_model
 
@@ -49,20 +43,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="most utterances (of equal length) per batch (default %(default)s)",
     )
     parser.add_argument(
-        "--max-batch-frames",
-        type=int,
-        default=DEFAULT_MAX_BATCH_FRAMES,
-        help="most fbank frames given to the model at once; bounds its memory "
-        "(default %(default)s = 60 s)",
-    )
-    parser.add_argument(
-        "--window-seconds",
-        type=float,
-        default=DEFAULT_WINDOW_SECONDS,
-        help="recordings longer than this are embedded in windows of at most this length, "
-        "their embeddings averaged (default %(default)s)",
-    )
-    parser.add_argument(
         "--num-workers",
         type=int,
         default=1,
@@ -76,7 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(again only when the model changed); torch: PyTorch; auto (default): onnx on the CPU "
         "and for .onnx files, torch on a GPU",
     )
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     parser.add_argument(
         "--device",
         default="auto",
@@ -97,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "synchronisation point, before the run stops (default %(default)s)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_embedding_options(parser)
     return parser.parse_args(argv)
 
 

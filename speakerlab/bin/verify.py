@@ -15,13 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from speakerlab.bin import exits_on_error
-from speakerlab.embedder import (
-    DEFAULT_MAX_BATCH_FRAMES,
-    DEFAULT_WINDOW_SECONDS,
-    PRECISION_HELP,
-    PRECISIONS,
-)
+from speakerlab.bin import add_embedding_options, exits_on_error
 from speakerlab.inference import DEFAULT_MODEL, SpeakerVerifier
 
 
@@ -39,21 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="registry id, checkpoint file or .onnx file (default %(default)s)",
     )
     parser.add_argument("--threshold", type=float, help="decision threshold on the cosine score")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument(
-        "--window-seconds",
-        type=float,
-        default=DEFAULT_WINDOW_SECONDS,
-        help="recordings longer than this are embedded in windows of at most this length, "
-        "their embeddings averaged (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-batch-frames",
-        type=int,
-        default=DEFAULT_MAX_BATCH_FRAMES,
-        help="most fbank frames given to the model at once (default %(default)s)",
-    )
+    add_embedding_options(parser)
     return parser.parse_args(argv)
 
 

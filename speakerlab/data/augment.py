@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import scipy.fft
 
-from speakerlab.audio import SAMPLE_RATE, audio_info, audio_truncation, read_audio
+from speakerlab.audio import SAMPLE_RATE, complete_audio_info, read_audio
 from speakerlab.data.kaldi_dir import read_wav_scp
 from speakerlab.errors import AudioError, DataError
 
@@ -122,13 +122,9 @@ class Augmenter:
         paths, lengths = [], []
         for path in read_wav_scp(list_path).values():
             try:
-                info = audio_info(path)
-                truncation = audio_truncation(path)
+                info = complete_audio_info(path)
             except AudioError as err:
                 logger.warning("leaving out %s file: %s", what, err)
-                continue
-            if truncation:
-                logger.warning("leaving out %s file: %s", what, truncation)
                 continue
             if info.samplerate != SAMPLE_RATE or info.frames == 0:
                 logger.warning(

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from speakerlab.audio import SAMPLE_RATE, audio_info, audio_truncation
+from speakerlab.audio import SAMPLE_RATE, complete_audio_info
 from speakerlab.data.kaldi_dir import iter_table
 from speakerlab.errors import AudioError, DataError
 from speakerlab.fileio import atomic_path, exclusive_lock, file_digest, write_text_atomic
@@ -220,12 +220,9 @@ def check_audio_header(path: str) -> tuple[int, str | None]:
     """``(num_samples, None)`` for a usable training file, ``(0, reason)`` otherwise (a file cut
     short of what its header promises is unusable: libsndfile would read it short silently)."""
     try:
-        info = audio_info(path)
-        truncated = audio_truncation(path)
+        info = complete_audio_info(path)
     except AudioError as err:
         return 0, str(err).removeprefix(f"{path}: ")
-    if truncated is not None:
-        return 0, truncated.removeprefix(f"{path}: ")
     if info.frames <= 0:
         return 0, "audio is empty"
     if info.samplerate != SAMPLE_RATE:
